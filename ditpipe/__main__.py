@@ -1,0 +1,3 @@
+from ditpipe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,324 @@
+"""One typed config tree, loaded once from ``params.yaml``.
+
+Each stage has a frozen dataclass; every field carries a one-line help text in its metadata.
+Unknown keys, wrong types and bad values raise :class:`ConfigError` naming the dotted key,
+before any stage does work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from ditpipe.errors import ConfigError
+
+DTYPES = ("float32", "float16", "bfloat16")
+STORAGE_DTYPES = ("float32", "float16")
+
+
+def opt(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with a help line (lists become immutable tuples)."""
+    if isinstance(default, list):
+        default = tuple(default)
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    """Where each stage writes its output (relative to the working directory)."""
+
+    prepared: str = opt("artifacts/prepared", "normalized images, samples.jsonl and report.json")
+    vae: str = opt("artifacts/vae", "the diffusers AutoencoderKL folder used for latents")
+    latents: str = opt("artifacts/latents", "per-sample VAE posterior cache and its index")
+    text: str = opt("artifacts/text", "per-caption text embedding cache and its index")
+    shards: str = opt("artifacts/shards", "webdataset tar shards (train/val) and index.json")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The ``prepare`` stage: where images and captions come from and how they are normalized."""
+
+    source: str = opt("builtin:shapes", "builtin:shapes, an imagefolder, webdataset tars or parquet (path or fsspec URL)")
+    format: Literal["auto", "shapes", "imagefolder", "webdataset", "parquet"] = opt(
+        "auto", "dataset format; auto detects it from the source"
+    )
+    resolution: int = opt(32, "side of the square training images in pixels (multiple of 8)")
+    count: int = opt(2000, "number of images builtin:shapes generates")
+    limit: int = opt(0, "read at most this many source records (0 = all)")
+    seed: int = opt(0, "seed for builtin:shapes")
+    val_fraction: float = opt(0.05, "fraction of samples put in the val split (by key hash)")
+    min_size: int = opt(16, "reject images whose shorter side is below this many pixels")
+    max_pixels: int = opt(50_000_000, "reject images with more pixels than this (decompression bombs)")
+    background: str = opt("white", "colour transparent pixels are composited over (any PIL colour)")
+    caption_column: str = opt("text", "caption field in metadata.jsonl/.csv, json sidecars and parquet")
+    image_column: str = opt("image", "image bytes column in parquet sources")
+    file_column: str = opt("file_name", "image path field in imagefolder metadata")
+
+    def __post_init__(self) -> None:
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"data.resolution must be a positive multiple of 8, got {self.resolution}")
+        _check_range("data.val_fraction", self.val_fraction, 0.0, 1.0)
+        _check_min("data.count", self.count, 1)
+        _check_min("data.limit", self.limit, 0)
+        _check_min("data.min_size", self.min_size, 1)
+        _check_min("data.max_pixels", self.max_pixels, 1)
+        from PIL import ImageColor
+
+        try:
+            ImageColor.getrgb(self.background)
+        except ValueError:
+            raise ConfigError(f"data.background must be a PIL colour name or #rrggbb, got {self.background!r}") from None
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    """The ``vae`` stage: a pretrained AutoencoderKL, or a small one trained on the prepared images."""
+
+    pretrained: str = opt("", "hub id or local path of a diffusers AutoencoderKL; empty trains one")
+    subfolder: str = opt("", "subfolder of `pretrained` holding the VAE (e.g. 'vae' in a pipeline repo)")
+    latent_channels: int = opt(4, "latent channels of the trained VAE")
+    block_out_channels: tuple[int, ...] = opt([16, 32, 32], "channels per encoder block; each extra block halves the size")
+    layers_per_block: int = opt(1, "resnet layers per block of the trained VAE")
+    steps: int = opt(600, "optimizer steps when training the VAE")
+    batch_size: int = opt(32, "batch size when training the VAE")
+    lr: float = opt(2e-3, "AdamW learning rate when training the VAE")
+    kl_weight: float = opt(1e-6, "weight of the KL term against pixel MSE")
+    seed: int = opt(0, "seed for VAE training")
+    scaling_factor: float = opt(0.0, "latent scaling factor; 0 takes the VAE's own or measures 1/std")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+
+    def __post_init__(self) -> None:
+        if not self.block_out_channels:
+            raise ConfigError("vae.block_out_channels must list at least one channel count")
+        for name in ("latent_channels", "layers_per_block", "steps", "batch_size"):
+            _check_min(f"vae.{name}", getattr(self, name), 1)
+        _check_min("vae.scaling_factor", self.scaling_factor, 0.0)
+        _check_device("vae.device", self.device)
+
+
+@dataclass(frozen=True)
+class LatentsConfig:
+    """The ``latents`` stage: batched VAE encoding into a content-keyed cache."""
+
+    batch_size: int = opt(64, "images per VAE forward pass")
+    dtype: Literal["float32", "float16", "bfloat16"] = opt("float32", "VAE compute dtype")
+    storage_dtype: Literal["float32", "float16"] = opt("float32", "dtype of the stored mean/logvar")
+    flip: bool = opt(False, "also store the horizontally flipped view")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+
+    def __post_init__(self) -> None:
+        _check_min("latents.batch_size", self.batch_size, 1)
+        _check_device("latents.device", self.device)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The ``text`` stage: caption embeddings, each unique caption encoded once."""
+
+    encoder: str = opt("all-MiniLM-L6-v2", "registry name, hub id or local path of a transformers text encoder")
+    max_length: int = opt(32, "tokens per caption (padded/truncated)")
+    dtype: Literal["float32", "float16"] = opt("float32", "compute and storage dtype of the embeddings")
+    batch_size: int = opt(128, "captions per encoder forward pass")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+
+    def __post_init__(self) -> None:
+        _check_min("text.max_length", self.max_length, 1)
+        _check_min("text.batch_size", self.batch_size, 1)
+        _check_device("text.device", self.device)
+
+
+@dataclass(frozen=True)
+class ShardsConfig:
+    """The ``shards`` stage: webdataset tars bounded by sample count and bytes."""
+
+    max_samples: int = opt(256, "most samples in one shard")
+    max_bytes: int = opt(64_000_000, "most bytes in one shard (a single larger sample still gets its own)")
+    seed: int = opt(0, "seed of the train split's write order")
+
+    def __post_init__(self) -> None:
+        _check_min("shards.max_samples", self.max_samples, 1)
+        _check_min("shards.max_bytes", self.max_bytes, 1024)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole params.yaml."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+
+
+def _check_min(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+
+def _check_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value < high:
+        raise ConfigError(f"{key} must be in [{low}, {high}), got {value}")
+
+
+def _check_device(key: str, value: str) -> None:
+    base = value.split(":", 1)[0]
+    if base not in ("auto", "cpu", "cuda", "mps"):
+        raise ConfigError(f"{key} must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+
+
+# ---------------------------------------------------------------- loading and checking
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (lists become tuples)."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _coerce(key, arg, value)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} has the wrong type: got {value!r}")
+    if origin is tuple:
+        (inner, _) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", inner, v) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'params'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]} (known keys: {', '.join(sorted(where + n for n in names))})"
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, raw[f.name], key)
+        else:
+            kwargs[f.name] = _coerce(key, tp, raw[f.name])
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into its key path and YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set expects a dotted key like data.resolution, got {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``raw`` with dotted ``key=value`` overrides applied."""
+    raw = _deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"cannot set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return raw
+
+
+def _deepcopy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deepcopy(v) for k, v in raw.items()}
+    return raw
+
+
+def load_config(params: str | Path | None = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``params`` (missing file = all defaults), apply overrides and check everything."""
+    raw: Any = {}
+    if params is not None:
+        path = Path(params)
+        if path.exists():
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        elif str(params) != "params.yaml":
+            raise ConfigError(f"params file {path} does not exist")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{params} must hold a mapping of sections, got {type(raw).__name__}")
+    raw = apply_overrides(raw, list(overrides))
+    return _build(Config, raw, "")
+
+
+def to_dict(cfg: Any) -> Any:
+    """A plain dict (lists, not tuples) of a config, for YAML/JSON and MLflow."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every field, for ``ditpipe params``."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.default_factory is not dataclasses.MISSING:  # a section
+            rows += describe(f.default_factory, key)
+        else:
+            rows.append((key, to_dict(f.default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,159 @@
+"""Shards to training batches.
+
+:class:`ShardStream` reads the tars with webdataset's tar iterator, splits the work by rank and
+DataLoader worker, shuffles through a bounded buffer and decodes ``.npy`` members with
+``allow_pickle=False``. For training it runs forever, one reshuffled epoch after another; for
+validation it makes one pass in a fixed order. Within an epoch every sample goes to exactly one
+(rank, worker): by shard when there are enough shards, by sample index when there are not.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from ditpipe.errors import DitpipeError
+
+ARRAYS = ("mean", "logvar", "mean_flip", "logvar_flip", "emb", "mask", "pooled")
+
+
+def decode(sample: dict) -> dict:
+    """Raw tar members to arrays and metadata; never unpickles."""
+    out: dict = {"__key__": sample["__key__"]}
+    for name, data in sample.items():
+        if name.endswith(".npy"):
+            out[name[:-4]] = np.load(io.BytesIO(data), allow_pickle=False)
+        elif name == "json":
+            out["info"] = json.loads(data)
+    return out
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack arrays into tensors; keep keys and captions as lists."""
+    batch: dict = {"key": [s["__key__"] for s in samples], "caption": [s["info"]["caption"] for s in samples]}
+    for name in ARRAYS:
+        if name in samples[0]:
+            batch[name] = torch.from_numpy(np.stack([s[name] for s in samples]))
+    return batch
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else the launcher's env vars."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def read_tar(url: str) -> Iterator[dict]:
+    with fsspec.open(url, "rb") as f:
+        files = ({**member, "__url__": url} for member in tar_file_iterator(f))
+        for sample in group_by_keys(files):
+            sample.pop("__url__", None)
+            yield sample
+
+
+class ShardStream(IterableDataset):
+    """Samples from shard ``urls`` for one rank; infinite and reshuffled per epoch, or one ordered pass."""
+
+    def __init__(self, urls: list[str], *, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
+                 seed: int = 0, infinite: bool = False):
+        if not urls:
+            raise DitpipeError("no shards to read")
+        self.urls, self.rank, self.world_size = list(urls), rank, world_size
+        self.shuffle_buffer, self.seed, self.infinite = shuffle_buffer, seed, infinite
+
+    def epoch_stream(self, epoch: int, consumer: int, consumers: int) -> Iterator[dict]:
+        """Undecoded samples of ``epoch`` for consumer ``consumer`` of ``consumers``."""
+        order = list(self.urls)
+        if self.infinite:
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
+        if len(order) >= consumers:
+            for url in order[consumer::consumers]:
+                yield from read_tar(url)
+        else:  # fewer shards than consumers: everyone reads everything, keeps every n-th sample
+            i = 0
+            for url in order:
+                for sample in read_tar(url):
+                    if i % consumers == consumer:
+                        yield sample
+                    i += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        consumer, consumers = self.rank * nworkers + wid, self.world_size * nworkers
+        epoch = 0
+        while True:
+            stream = self.epoch_stream(epoch, consumer, consumers)
+            if self.shuffle_buffer > 1:
+                stream = shuffled(stream, self.shuffle_buffer, random.Random(f"{self.seed}-{epoch}-{consumer}"))
+            for sample in stream:
+                yield decode(sample)
+            if not self.infinite:
+                return
+            epoch += 1
+
+
+def shuffled(stream: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Bounded-buffer shuffle: memory stays at ``size`` samples whatever the dataset."""
+    buf: list[dict] = []
+    for item in stream:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(size)
+        buf[j], item = item, buf[j]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def shard_urls(shards_dir: str, split: str) -> list[str]:
+    """Shard URLs of ``split`` from ``index.json`` (a local folder or any fsspec URL)."""
+    index = load_index(shards_dir)
+    if split not in index["splits"]:
+        raise DitpipeError(f"split {split!r} not in {shards_dir}/index.json (have: {', '.join(index['splits'])})")
+    return [f"{str(shards_dir).rstrip('/')}/{s['name']}" for s in index["splits"][split]["shards"]]
+
+
+def load_index(shards_dir: str | Path) -> dict:
+    path = f"{str(shards_dir).rstrip('/')}/index.json"
+    try:
+        with fsspec.open(path, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DitpipeError(f"{path} not found: run `ditpipe shards` first") from None
+
+
+def empty_caption(shards_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The empty caption's embedding (for classifier-free guidance dropout)."""
+    index = load_index(shards_dir)
+    with fsspec.open(f"{str(shards_dir).rstrip('/')}/{index['empty_caption']}", "rb") as f:
+        return load_safetensors(f.read())
+
+
+def make_loader(shards_dir: str | Path, split: str, batch_size: int, *, num_workers: int = 0,
+                shuffle_buffer: int | None = None, seed: int = 0, rank: int | None = None,
+                world_size: int | None = None, infinite: bool | None = None) -> DataLoader:
+    """A DataLoader of collated batches. Train defaults: infinite + shuffled; val: one ordered pass."""
+    train = split == "train"
+    if rank is None or world_size is None:
+        rank, world_size = dist_info()
+    stream = ShardStream(
+        shard_urls(str(shards_dir), split), rank=rank, world_size=world_size, seed=seed,
+        shuffle_buffer=(1000 if train else 0) if shuffle_buffer is None else shuffle_buffer,
+        infinite=train if infinite is None else infinite,
+    )
+    return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                      drop_last=train, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())

@@ -1,0 +1,165 @@
+"""Stage ``prepare``: any image+caption source to normalized images, captions and a rejection report.
+
+Output folder (``paths.prepared``), written under a temp name and swapped in whole:
+
+- ``images/<key>.png``: RGB, ``data.resolution`` square
+- ``samples.jsonl``: one ``{key, file, caption, split, sha256, meta}`` per accepted sample
+- ``report.json``: ``seen = accepted + rejected``, and every rejected key with its reason
+- ``meta.json``: source, format, resolution and split counts, for the stages downstream
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from ditpipe.config import DataConfig
+from ditpipe.data.images import NormalizeSpec, Rejected, normalize, pixel_hash, png_bytes, to_rgb
+from ditpipe.data.readers import RawSample, open_source
+from ditpipe.io import sha256_bytes, staged_dir, write_json
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass
+class Accepted:
+    key: str
+    image: Image.Image
+    caption: str
+    sha256: str
+    meta: dict = field(default_factory=dict)
+
+
+def safe_key(raw: str) -> str:
+    """A webdataset- and file-name-safe key; altered keys get a hash suffix so they stay unique."""
+    clean = _UNSAFE.sub("_", raw).strip("_") or "sample"
+    if clean == raw:
+        return raw
+    return f"{clean[:80]}_{sha256_bytes(raw.encode())[:8]}"
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    """Deterministic split by key hash: the same key lands in the same split on every run."""
+    u = int(sha256_bytes(key.encode())[:16], 16) / 2**64
+    return "val" if u < val_fraction else "train"
+
+
+def clean_caption(caption: object) -> str:
+    """A usable caption or :class:`Rejected`."""
+    if caption is None:
+        raise Rejected("no caption")
+    if not isinstance(caption, str):
+        raise Rejected(f"caption is not text: {type(caption).__name__}")
+    text = " ".join(caption.split())
+    if not text:
+        raise Rejected("empty caption")
+    return text
+
+
+def process(raw: RawSample, spec: NormalizeSpec) -> Accepted:
+    """Decode, verify and normalize one raw sample; raise :class:`Rejected` with the reason."""
+    if raw.reject:
+        raise Rejected(raw.reject)
+    caption = clean_caption(raw.caption)
+    if raw.image is not None:
+        img = to_rgb(raw.image, spec.background)
+        if img.size != (spec.resolution, spec.resolution):
+            img = img.resize((spec.resolution, spec.resolution), Image.Resampling.BICUBIC)
+    else:
+        img = normalize(raw.data or b"", spec)
+    return Accepted(safe_key(raw.key), img, caption, pixel_hash(img), dict(raw.meta))
+
+
+@dataclass
+class Tally:
+    """Running counts of a prepare pass; ``seen == accepted + rejected`` always."""
+
+    seen: int = 0
+    accepted: int = 0
+    rejects: list[dict] = field(default_factory=list)
+    splits: Counter = field(default_factory=Counter)
+
+    def reject(self, key: str, reason: str) -> None:
+        self.rejects.append({"key": key, "reason": reason})
+
+    def report(self) -> dict:
+        reasons = Counter(r["reason"].split(":")[0] for r in self.rejects)
+        return {
+            "seen": self.seen,
+            "accepted": self.accepted,
+            "rejected": len(self.rejects),
+            "splits": dict(sorted(self.splits.items())),
+            "reasons": dict(reasons.most_common()),
+            "rejects": self.rejects,
+        }
+
+
+def prepare_samples(raws: Iterable[RawSample], cfg: DataConfig, tally: Tally) -> Iterator[tuple[Accepted, str]]:
+    """The core: raw samples in, ``(accepted, split)`` out; rejections go to ``tally``.
+
+    Exact duplicates (same key, or same normalized pixels) keep the first and reject the rest.
+    """
+    spec = NormalizeSpec(cfg.resolution, cfg.min_size, cfg.max_pixels, cfg.background)
+    keys: set[str] = set()
+    pixels: dict[str, str] = {}
+    for raw in raws:
+        if cfg.limit and tally.seen >= cfg.limit:
+            break
+        tally.seen += 1
+        try:
+            acc = process(raw, spec)
+            if acc.key in keys:
+                raise Rejected(f"duplicate key: {acc.key}")
+            if acc.sha256 in pixels:
+                raise Rejected(f"duplicate image: same pixels as {pixels[acc.sha256]}")
+        except Rejected as rej:
+            tally.reject(raw.key, rej.reason)
+            continue
+        keys.add(acc.key)
+        pixels[acc.sha256] = acc.key
+        split = split_of(acc.key, cfg.val_fraction)
+        tally.accepted += 1
+        tally.splits[split] += 1
+        yield acc, split
+
+
+def run(cfg: DataConfig, out_dir: str | Path) -> dict:
+    """Read ``cfg.source``, write the prepared folder to ``out_dir``; return the report summary."""
+    t0 = time.perf_counter()
+    fmt, raws = open_source(cfg)
+    tally = Tally()
+    out_dir = Path(out_dir)
+    with staged_dir(out_dir) as tmp:
+        (tmp / "images").mkdir()
+        with open(tmp / "samples.jsonl", "w") as rows:
+            bar = tqdm(prepare_samples(raws, cfg, tally), desc="prepare", unit="img", disable=None)
+            for acc, split in bar:
+                rel = f"images/{acc.key}.png"
+                (tmp / rel).write_bytes(png_bytes(acc.image))
+                row = {"key": acc.key, "file": rel, "caption": acc.caption, "split": split,
+                       "sha256": acc.sha256, "meta": acc.meta}
+                rows.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+        report = tally.report()
+        write_json(tmp / "report.json", report)
+        meta = {"source": cfg.source, "format": fmt, "resolution": cfg.resolution,
+                "count": tally.accepted, "splits": report["splits"]}
+        write_json(tmp / "meta.json", meta)
+    summary = {k: report[k] for k in ("seen", "accepted", "rejected", "splits", "reasons")}
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["out"] = str(out_dir)
+    return summary
+
+
+def summary_line(s: dict) -> str:
+    sp = s["splits"]
+    return (f"prepare: {s['accepted']} accepted, {s['rejected']} rejected of {s['seen']} seen "
+            f"(train {sp.get('train', 0)}, val {sp.get('val', 0)}) in {s['seconds']}s -> {s['out']} "
+            f"(rejections: {s['out']}/report.json)")

@@ -1,0 +1,179 @@
+"""Stage ``shards``: join latents and caption embeddings into webdataset tar shards.
+
+Each sample is ``<key>.mean.npy``, ``.logvar.npy`` (and ``.mean_flip.npy``/``.logvar_flip.npy``),
+``.emb.npy``, ``.mask.npy``, ``.pooled.npy`` and ``.json`` (key, caption, metadata). Arrays are
+``.npy`` written with ``allow_pickle=False``: no pickle anywhere. Shards hold at most
+``shards.max_samples`` samples and ``shards.max_bytes`` bytes, are written under a temp name and
+renamed when whole, and ``index.json`` lists every shard with its sample count, bytes and sha256.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import time
+from collections.abc import Iterable, Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ditpipe.cache import TensorCache
+from ditpipe.config import ShardsConfig
+from ditpipe.errors import DitpipeError
+from ditpipe.io import TMP_PREFIX, read_json, read_jsonl, sha256_file, staged_dir, write_json
+from ditpipe.text import caption_hash
+
+SPLITS = ("train", "val")
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(key: str, latents: dict[str, torch.Tensor], text: dict[str, torch.Tensor], info: dict) -> dict:
+    """One webdataset sample: ``__key__`` plus an ``.npy`` member per array and a ``.json``."""
+    sample: dict = {"__key__": key}
+    for name, t in {**latents, **text}.items():
+        sample[f"{name}.npy"] = npy_bytes(t.numpy())
+    sample["json"] = json.dumps(info, sort_keys=True, ensure_ascii=False).encode()
+    return sample
+
+
+def sample_bytes(sample: dict) -> int:
+    """Bytes a sample takes in a tar: 512-byte header + padded data per member."""
+    return sum(512 + (len(v) + 511) // 512 * 512 for k, v in sample.items() if k != "__key__")
+
+
+class AtomicShardWriter:
+    """Writes ``<prefix>-NNNNNN.tar`` shards bounded by count and bytes; each appears only when whole."""
+
+    def __init__(self, out_dir: Path, prefix: str, max_samples: int, max_bytes: int):
+        self.out_dir, self.prefix = out_dir, prefix
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.shards: list[dict] = []
+        self._tar: wds.TarWriter | None = None
+        self._count = self._bytes = 0
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._name = name
+        self._tmp = self.out_dir / f"{TMP_PREFIX}{name}"
+        self._tar = wds.TarWriter(str(self._tmp), encoder=False)
+        self._count = self._bytes = 0
+
+    def _close(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        final = self.out_dir / self._name
+        os.replace(self._tmp, final)
+        self.shards.append({"name": self._name, "samples": self._count, "bytes": final.stat().st_size,
+                            "sha256": sha256_file(final)})
+        self._tar = None
+
+    def write(self, sample: dict) -> None:
+        size = sample_bytes(sample)
+        if self._tar is not None and (
+            self._count >= self.max_samples or (self._count and self._bytes + size + 1024 > self.max_bytes)
+        ):
+            self._close()
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None
+        self._tar.write(sample)
+        self._count += 1
+        self._bytes += size
+
+    def close(self) -> list[dict]:
+        self._close()
+        return self.shards
+
+
+def write_order(samples: list[dict], split: str, seed: int) -> list[dict]:
+    """Train samples shuffled (each shard a mix), val sorted by key (deterministic evaluation)."""
+    rows = sorted((s for s in samples if s["split"] == split), key=lambda s: s["key"])
+    if split == "train":
+        random.Random(seed).shuffle(rows)
+    return rows
+
+
+def pack(rows: Iterable[dict], writer: AtomicShardWriter, load_latents, load_text) -> Iterator[str]:
+    """The core: stream prepared rows into ``writer``; yield each key written."""
+    for row in rows:
+        info = {"key": row["key"], "caption": row["caption"], "meta": row.get("meta", {})}
+        writer.write(encode_sample(row["key"], load_latents(row["key"]), load_text(row["caption"]), info))
+        yield row["key"]
+
+
+def run(cfg: ShardsConfig, prepared: str | Path, latents_dir: str | Path, text_dir: str | Path,
+        out_dir: str | Path) -> dict:
+    """Write train/val shards and ``index.json`` to ``out_dir``."""
+    t0 = time.perf_counter()
+    prepared, latents_dir, text_dir = Path(prepared), Path(latents_dir), Path(text_dir)
+    for folder, stage in ((prepared / "samples.jsonl", "prepare"), (latents_dir / "index.json", "latents"),
+                          (text_dir / "index.json", "text")):
+        if not folder.exists():
+            raise DitpipeError(f"{folder} is missing: run `ditpipe {stage}` first")
+    samples = list(read_jsonl(prepared / "samples.jsonl"))
+    lat_index, txt_index = read_json(latents_dir / "index.json"), read_json(text_dir / "index.json")
+    lat_cache, txt_cache = TensorCache(latents_dir / "cache"), TensorCache(text_dir / "cache")
+    _check_fresh(samples, lat_index, txt_index, lat_cache, txt_cache)
+
+    def load_latents(key: str) -> dict[str, torch.Tensor]:
+        return lat_cache.get(lat_index["samples"][key])
+
+    @lru_cache(maxsize=4096)
+    def load_text(caption: str) -> dict[str, torch.Tensor]:
+        return txt_cache.get(txt_index["captions"][caption_hash(caption)])
+
+    splits = {}
+    with staged_dir(out_dir) as tmp, tqdm(total=len(samples), desc="shards", unit="sample", disable=None) as bar:
+        for split in SPLITS:
+            writer = AtomicShardWriter(tmp, split, cfg.max_samples, cfg.max_bytes)
+            for _ in pack(write_order(samples, split, cfg.seed), writer, load_latents, load_text):
+                bar.update()
+            shards = writer.close()
+            splits[split] = {"samples": sum(s["samples"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
+                             "shards": shards}
+        save_file(txt_cache.get(txt_index["empty"]), str(tmp / "empty_caption.safetensors"))
+        index = {
+            "format": "ditpipe-shards/v1",
+            "splits": splits,
+            "latents": {k: lat_index[k] for k in ("vae_identity", "scaling_factor", "shift_factor", "resolution",
+                                                   "latent_shape", "storage_dtype", "flip")},
+            "text": {k: txt_index[k] for k in ("encoder", "encoder_identity", "model_type", "max_length", "dim",
+                                               "dtype")},
+            "empty_caption": "empty_caption.safetensors",
+            "data": read_json(prepared / "meta.json"),
+        }
+        write_json(tmp / "index.json", index)
+    return {"splits": {s: {k: v[k] for k in ("samples", "bytes")} | {"shards": len(v["shards"])}
+                       for s, v in splits.items()},
+            "seconds": round(time.perf_counter() - t0, 2), "out": str(out_dir)}
+
+
+def _check_fresh(samples: list[dict], lat_index: dict, txt_index: dict, lat_cache: TensorCache,
+                 txt_cache: TensorCache) -> None:
+    """Every sample must have its latents and caption embedding; name the first that does not."""
+    for s in samples:
+        lk = lat_index["samples"].get(s["key"])
+        if lk is None or not lat_cache.has(lk):
+            raise DitpipeError(f"no latents for sample {s['key']!r}: the latents are stale, run `ditpipe latents`")
+        tk = txt_index["captions"].get(caption_hash(s["caption"]))
+        if tk is None or not txt_cache.has(tk):
+            raise DitpipeError(f"no embedding for caption {s['caption']!r}: run `ditpipe text`")
+
+
+def summary_line(s: dict) -> str:
+    parts = [f"{name} {v['samples']} samples in {v['shards']} shards ({v['bytes'] / 1e6:.1f} MB)"
+             for name, v in s["splits"].items()]
+    return f"shards: {', '.join(parts)} in {s['seconds']}s -> {s['out']}/index.json"

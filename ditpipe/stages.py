@@ -1,0 +1,64 @@
+"""The stage registry: one ``run`` per stage, called alike by the CLI, DVC and Prefect.
+
+Each entry takes the whole config, hands the stage only its own section and paths, and returns a
+summary dict; ``SUMMARIES`` turns that into the one line printed at the end.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from ditpipe.config import Config
+
+ORDER = ("prepare", "vae", "latents", "text", "shards")
+
+
+def _prepare(cfg: Config) -> dict:
+    from ditpipe import prepare
+
+    return prepare.run(cfg.data, cfg.paths.prepared)
+
+
+def _vae(cfg: Config) -> dict:
+    from ditpipe import vae
+
+    return vae.run(cfg.vae, cfg.paths.prepared, cfg.paths.vae)
+
+
+def _latents(cfg: Config) -> dict:
+    from ditpipe import latents
+
+    return latents.run(cfg.latents, cfg.paths.prepared, cfg.paths.vae, cfg.paths.latents)
+
+
+def _text(cfg: Config) -> dict:
+    from ditpipe import text
+
+    return text.run(cfg.text, cfg.paths.prepared, cfg.paths.text)
+
+
+def _shards(cfg: Config) -> dict:
+    from ditpipe import shards
+
+    return shards.run(cfg.shards, cfg.paths.prepared, cfg.paths.latents, cfg.paths.text, cfg.paths.shards)
+
+
+STAGES: dict[str, Callable[[Config], dict]] = {
+    "prepare": _prepare,
+    "vae": _vae,
+    "latents": _latents,
+    "text": _text,
+    "shards": _shards,
+}
+
+
+def summary_line(stage: str, summary: dict) -> str:
+    """The stage module's one-line summary of its result."""
+    return importlib.import_module(f"ditpipe.{stage}").summary_line(summary)
+
+
+def run_stage(stage: str, cfg: Config) -> dict:
+    if stage not in STAGES:
+        raise KeyError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    return STAGES[stage](cfg)

@@ -1,0 +1,71 @@
+"""Shared fixtures: small real datasets, tiny models saved with save_pretrained, and CLI runners."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+TWEMOJI = REPO.parent / "shared" / "data" / "twemoji"
+
+
+def twemoji_root() -> Path:
+    if not TWEMOJI.exists():  # CI lays shared/ beside the clone; say so instead of skipping
+        raise FileNotFoundError(f"the twemoji fixture is missing at {TWEMOJI}")
+    return TWEMOJI
+
+
+@pytest.fixture
+def twemoji_subset(tmp_path: Path) -> Path:
+    """A copy of the first 40 twemoji (images + metadata.jsonl), free to break."""
+    src = twemoji_root()
+    dst = tmp_path / "twemoji"
+    (dst / "images").mkdir(parents=True)
+    rows = []
+    with open(src / "metadata.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            shutil.copy(src / row["file_name"], dst / row["file_name"])
+            rows.append(row)
+            if len(rows) == 40:
+                break
+    (dst / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dst
+
+
+TINY_VAE = ["vae.block_out_channels=[8,16]", "vae.steps=3", "vae.batch_size=8", "vae.layers_per_block=1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder(tmp_path_factory) -> Path:
+    """A tiny random BERT with MiniLM's real tokenizer, saved with save_pretrained."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from ditpipe.text import ENCODERS
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(ENCODERS["all-MiniLM-L6-v2"]())
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def run_cli(*args: str, cwd: Path | str | None = None, check: bool = True, timeout: float = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``ditpipe ARGS`` in a subprocess, as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "ditpipe", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ditpipe {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

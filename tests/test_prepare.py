@@ -1,0 +1,110 @@
+import io
+import json
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from ditpipe.config import DataConfig
+from ditpipe.data.readers import RawSample
+from ditpipe.prepare import Tally, prepare_samples, run, safe_key, split_of
+
+
+def png(color, size=(40, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_core_rejects_duplicates_and_bad_captions():
+    raws = [
+        RawSample("a", data=png((255, 0, 0)), caption="red"),
+        RawSample("b", data=png((255, 0, 0)), caption="red again"),  # same pixels
+        RawSample("a", data=png((0, 255, 0)), caption="same key"),
+        RawSample("c", data=png((0, 0, 255)), caption="   "),
+        RawSample("d", data=png((0, 0, 255)), caption=None),
+        RawSample("e", data=png((0, 0, 255)), caption=42),
+        RawSample("f", data=b"", caption="empty"),
+        RawSample("g", reject="missing file: g.png"),
+        RawSample("h", data=png((1, 2, 3)), caption="  a   spaced\ncaption "),
+    ]
+    tally = Tally()
+    out = list(prepare_samples(raws, DataConfig(), tally))
+    assert [(a.key, a.caption) for a, _ in out] == [("a", "red"), ("h", "a spaced caption")]
+    report = tally.report()
+    assert report["seen"] == 9 and report["accepted"] == 2 and report["rejected"] == 7
+    reasons = {r["key"]: r["reason"] for r in report["rejects"]}
+    assert reasons["b"] == "duplicate image: same pixels as a"
+    assert reasons["a"] == "duplicate key: a"
+    assert reasons["c"] == "empty caption" and reasons["d"] == "no caption"
+    assert reasons["e"] == "caption is not text: int"
+    assert reasons["f"] == "empty file (0 bytes)" and reasons["g"] == "missing file: g.png"
+
+
+def test_split_is_deterministic_and_near_the_fraction():
+    keys = [f"k{i}" for i in range(4000)]
+    splits = [split_of(k, 0.1) for k in keys]
+    assert splits == [split_of(k, 0.1) for k in keys]
+    assert 300 < splits.count("val") < 500
+    assert all(split_of(k, 0.0) == "train" for k in keys[:100])
+
+
+def test_safe_key_is_unique_and_tar_safe():
+    raw = ["images/1f3b3", "images_1f3b3", "a.b", "a_b", "ok-key_1"]
+    keys = [safe_key(k) for k in raw]
+    assert len(set(keys)) == len(keys)
+    assert all("." not in k and "/" not in k for k in keys)
+    assert safe_key("ok-key_1") == "ok-key_1"
+
+
+def test_run_on_hostile_folder_reports_everything_and_writes_nowhere_else(tmp_path):
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "ok.png").write_bytes(png((10, 200, 10)))
+    (root / "bad.png").write_bytes(b"\x89PNG garbage")
+    (root / "tiny.png").write_bytes(png((1, 1, 1), (4, 4)))
+    (root / "metadata.jsonl").write_text("\n".join([
+        json.dumps({"file_name": "ok.png", "text": "green"}),
+        json.dumps({"file_name": "bad.png", "text": "broken"}),
+        json.dumps({"file_name": "tiny.png", "text": "tiny"}),
+        json.dumps({"file_name": "../../etc/passwd", "text": "escape"}),
+        "oops",
+    ]) + "\n")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    out = tmp_path / "out" / "prepared"
+    summary = run(DataConfig(source=str(root), resolution=16, min_size=8), out)
+    report = json.loads((out / "report.json").read_text())
+    assert report["seen"] == report["accepted"] + report["rejected"] == 5
+    assert report["accepted"] == 1 and summary["accepted"] == 1
+    reasons = {r["key"]: r["reason"] for r in report["rejects"]}
+    assert reasons["bad"].startswith("not a decodable image")
+    assert reasons["tiny"].startswith("too small")
+    assert reasons["../../etc/passwd"].startswith("path escapes the dataset root")
+    assert reasons["metadata.jsonl:5"].startswith("unparseable metadata line")
+    after = sorted(p for p in tmp_path.rglob("*") if not str(p).startswith(str(tmp_path / "out")))
+    assert before == after  # nothing written outside the output folder
+    assert sorted(os.listdir(out)) == ["images", "meta.json", "report.json", "samples.jsonl"]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rows] == ["ok"]
+    assert Image.open(out / rows[0]["file"]).size == (16, 16)
+
+
+def test_run_twemoji_real_rgba(twemoji_subset: Path, tmp_path):
+    out = tmp_path / "prepared"
+    s = run(DataConfig(source=str(twemoji_subset), background="black", val_fraction=0.2), out)
+    assert s["seen"] == 40 and s["accepted"] == 40 and s["rejected"] == 0
+    assert s["splits"]["train"] + s["splits"]["val"] == 40
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    img = Image.open(out / rows[0]["file"])
+    assert img.mode == "RGB" and img.size == (32, 32)
+    assert max(img.getpixel((0, 0))) < 12  # transparent corner composited over black
+    assert all("emoji" in r["caption"] for r in rows)
+
+
+def test_limit_and_rerun_is_identical(tmp_path):
+    cfg = DataConfig(count=30, limit=12)
+    a = run(cfg, tmp_path / "a")
+    b = run(cfg, tmp_path / "b")
+    assert a["seen"] == 12
+    assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
+    assert b["accepted"] == 12
