@@ -1,0 +1,76 @@
+"""End to end, as a user runs it: `dvc repro` and `dvc exp run -S` in a fresh copy of the repo."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+FAST = {"vae": {"block_out_channels": [8, 16, 16], "steps": 20, "batch_size": 16}, "text": {"max_length": 16},
+        "shards": {"max_samples": 16}}
+
+
+def sh(cmd: list[str], cwd: Path, timeout: float = 900) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """The committed files of this repo in a new git repo, with a fast params.yaml."""
+    dst = tmp_path / "repo"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).exists() and f != "dvc.lock":
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dst / f)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    for section, values in FAST.items():
+        params[section].update(values)
+    params["data"]["count"] = 48
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=dst, check=True)
+    return dst
+
+
+def check_shards(repo: Path, accepted: int) -> dict:
+    index = json.loads((repo / "artifacts/shards/index.json").read_text())
+    report = json.loads((repo / "artifacts/prepared/report.json").read_text())
+    assert report["accepted"] == accepted and report["seen"] == report["accepted"] + report["rejected"]
+    total = sum(index["splits"][s]["samples"] for s in ("train", "val"))
+    assert total == accepted
+    for split in ("train", "val"):
+        for shard in index["splits"][split]["shards"]:
+            assert (repo / "artifacts/shards" / shard["name"]).stat().st_size == shard["bytes"]
+    return index
+
+
+def test_dvc_repro_shapes_then_exp_run_on_twemoji(repo, twemoji_subset):
+    out = sh(["dvc", "repro"], repo)
+    for stage in ("prepare", "vae", "latents", "text", "shards"):
+        assert f"Running stage '{stage}'" in out
+    index = check_shards(repo, 48)
+    assert index["data"]["source"] == "builtin:shapes"
+    assert "up to date" in sh(["dvc", "repro"], repo)  # nothing changed: nothing runs
+
+    # real RGBA images from an imagefolder, by override, as a DVC experiment
+    out = sh(["dvc", "exp", "run", "-S", f"data.source={twemoji_subset}", "-S", "data.val_fraction=0.2"], repo)
+    assert "Running stage 'prepare'" in out
+    index = check_shards(repo, 40)
+    assert index["data"]["format"] == "imagefolder" and index["splits"]["val"]["samples"] > 0
+    # the latents cache was persisted and pruned to the new dataset; the VAE changed, so all re-encoded
+    latents = json.loads((repo / "artifacts/latents/index.json").read_text())
+    assert len(latents["samples"]) == 40

@@ -1,0 +1,99 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from ditpipe.cache import TensorCache
+from ditpipe.config import DataConfig, LatentsConfig, VaeConfig
+from ditpipe.io import TMP_PREFIX, read_json
+from ditpipe.latents import encode_batch, run
+from ditpipe.prepare import run as prepare
+from ditpipe.vae import build_vae
+from ditpipe.vae import run as make_vae
+from tests.conftest import REPO
+
+TINY = VaeConfig(block_out_channels=(8, 16), steps=2, batch_size=8)
+
+
+@pytest.fixture
+def upstream(tmp_path):
+    prepare(DataConfig(count=40, resolution=16), tmp_path / "prepared")
+    make_vae(TINY, tmp_path / "prepared", tmp_path / "vae")
+    return tmp_path
+
+
+def test_encode_batch_shapes_and_flip():
+    vae = build_vae(VaeConfig(block_out_channels=(8, 16)), 16).eval()
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    out = encode_batch(vae, x, flip=True)
+    assert set(out) == {"mean", "logvar", "mean_flip", "logvar_flip"}
+    assert out["mean"].shape == (3, 4, 8, 8)
+    direct = vae.encode(x.flip(-1)).latent_dist.mean
+    torch.testing.assert_close(out["mean_flip"], direct)
+
+
+def test_rerun_encodes_nothing_and_new_vae_reencodes_all(upstream):
+    p = upstream
+    cfg = LatentsConfig(batch_size=16)
+    first = run(cfg, p / "prepared", p / "vae", p / "latents")
+    assert first["encoded"] == 40 and first["cached"] == 0
+    again = run(cfg, p / "prepared", p / "vae", p / "latents")
+    assert again["encoded"] == 0 and again["cached"] == 40
+    index = read_json(p / "latents" / "index.json")
+    assert len(index["samples"]) == 40 and index["latent_shape"] == [4, 8, 8]
+    make_vae(VaeConfig(block_out_channels=(8, 16), steps=2, batch_size=8, seed=1), p / "prepared", p / "vae")
+    new = run(cfg, p / "prepared", p / "vae", p / "latents")
+    assert new["encoded"] == 40 and new["pruned"] == 40
+    assert read_json(p / "latents" / "index.json")["vae_identity"] != index["vae_identity"]
+    flipped = run(LatentsConfig(batch_size=16, flip=True, storage_dtype="float16"), p / "prepared", p / "vae",
+                  p / "latents")
+    assert flipped["encoded"] == 40
+    entry = TensorCache(p / "latents" / "cache").get(read_json(p / "latents" / "index.json")["samples"]["shapes-0000000"])
+    assert entry["mean_flip"].dtype == torch.float16
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume(tmp_path):
+    """A latents run killed with SIGKILL leaves only whole entries; the re-run finishes the rest."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "data": {"count": 1500, "resolution": 16},
+        "vae": {"block_out_channels": [8, 16], "steps": 1, "batch_size": 4},
+        "latents": {"batch_size": 1},
+    }))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+
+    def ditpipe(*args):
+        return subprocess.run([sys.executable, "-m", "ditpipe", *args, "--params", str(params)], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, check=True)
+
+    ditpipe("prepare")
+    ditpipe("vae")
+    cache = TensorCache(tmp_path / "artifacts" / "latents" / "cache")
+    proc = subprocess.Popen([sys.executable, "-m", "ditpipe", "latents", "--params", str(params)], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(cache.keys()) < 100 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(cache.keys())
+    assert 100 <= done_before < 1500, f"kill landed at {done_before} of 1500"
+    assert not (tmp_path / "artifacts" / "latents" / "index.json").exists()
+    for key in cache.keys():  # every visible entry is whole
+        assert cache.get(key)["mean"].shape == (4, 8, 8)
+    out = ditpipe("latents").stdout
+    assert f"encoded {1500 - done_before}, reused {done_before} cached, 1500 total" in out
+    assert not list(cache.root.rglob(f"{TMP_PREFIX}*"))
+    resumed = {k: cache.get(k)["mean"] for k in cache.keys()}
+    fresh = tmp_path / "fresh"
+    run(LatentsConfig(batch_size=64), tmp_path / "artifacts" / "prepared", tmp_path / "artifacts" / "vae", fresh)
+    fresh_cache = TensorCache(fresh / "cache")
+    assert fresh_cache.keys() == set(resumed)
+    for k, v in resumed.items():
+        torch.testing.assert_close(fresh_cache.get(k)["mean"], v, atol=1e-5, rtol=1e-4)

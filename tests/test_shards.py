@@ -1,0 +1,143 @@
+import io
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ditpipe.config import DataConfig, LatentsConfig, ShardsConfig, TextConfig, VaeConfig
+from ditpipe.errors import DitpipeError
+from ditpipe.io import read_json, sha256_file
+from ditpipe.latents import run as latents
+from ditpipe.loader import ShardStream, decode, make_loader, read_tar
+from ditpipe.prepare import run as prepare
+from ditpipe.shards import AtomicShardWriter, pack, run, write_order
+from ditpipe.text import run as text
+from ditpipe.vae import run as vae
+
+
+def fake_rows(n, val_every=5):
+    return [{"key": f"s{i:05d}", "caption": f"cap {i % 7}", "split": "val" if i % val_every == 0 else "train"}
+            for i in range(n)]
+
+
+def fake_latents(key):
+    i = int(key[1:])
+    return {"mean": torch.full((2, 2, 2), float(i)), "logvar": torch.zeros(2, 2, 2)}
+
+
+def fake_text(caption):
+    return {"emb": torch.ones(3, 4), "mask": torch.ones(3, dtype=torch.uint8), "pooled": torch.ones(4)}
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(0, 120), max_samples=st.integers(1, 40), max_bytes=st.integers(1024, 20000),
+       seed=st.integers(0, 5))
+def test_shards_lose_and_duplicate_nothing(tmp_path_factory, n, max_samples, max_bytes, seed):
+    out = tmp_path_factory.mktemp("shards")
+    rows = fake_rows(n)
+    seen: Counter = Counter()
+    for split in ("train", "val"):
+        writer = AtomicShardWriter(out, split, max_samples, max_bytes)
+        list(pack(write_order(rows, split, seed), writer, fake_latents, fake_text))
+        for shard in writer.close():
+            path = out / shard["name"]
+            assert shard["samples"] <= max_samples
+            assert shard["samples"] == 1 or shard["bytes"] <= max_bytes
+            assert shard["sha256"] == sha256_file(path)
+            samples = [decode(s) for s in read_tar(str(path))]
+            assert len(samples) == shard["samples"]
+            for s in samples:
+                assert s["info"]["key"] == s["__key__"]
+                assert float(s["mean"].flat[0]) == int(s["__key__"][1:])  # latents joined to the right key
+                seen[(split, s["__key__"])] += 1
+    assert sorted(k for _, k in seen) == sorted(r["key"] for r in rows)  # nothing lost
+    assert all(c == 1 for c in seen.values())  # nothing duplicated
+    assert {(r["split"], r["key"]) for r in rows} == set(seen)  # each in its own split
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_val_order_is_sorted_train_is_shuffled():
+    rows = fake_rows(50)
+    assert [r["key"] for r in write_order(rows, "val", 0)] == sorted(r["key"] for r in rows if r["split"] == "val")
+    train = [r["key"] for r in write_order(rows, "train", 0)]
+    assert train != sorted(train) and train == [r["key"] for r in write_order(rows, "train", 0)]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_text_encoder):
+    p = tmp_path_factory.mktemp("pipeline")
+    prepare(DataConfig(count=60, resolution=16, val_fraction=0.2), p / "prepared")
+    vae(VaeConfig(block_out_channels=(8, 16), steps=2, batch_size=8), p / "prepared", p / "vae")
+    latents(LatentsConfig(flip=True), p / "prepared", p / "vae", p / "latents")
+    text(TextConfig(encoder=str(tiny_text_encoder), max_length=8), p / "prepared", p / "text")
+    run(ShardsConfig(max_samples=7), p / "prepared", p / "latents", p / "text", p / "shards")
+    return p
+
+
+def test_run_writes_index_matching_prepared(built):
+    index = read_json(built / "shards" / "index.json")
+    prepared = read_json(built / "prepared" / "meta.json")
+    for split in ("train", "val"):
+        assert index["splits"][split]["samples"] == prepared["splits"][split]
+        assert all(s["samples"] <= 7 for s in index["splits"][split]["shards"])
+    assert index["latents"]["scaling_factor"] > 0 and index["latents"]["latent_shape"] == [4, 8, 8]
+    assert index["text"]["dim"] == 32 and index["text"]["max_length"] == 8
+    assert (built / "shards" / "empty_caption.safetensors").exists()
+
+
+def test_loader_batches_and_val_pass(built):
+    batch = next(iter(make_loader(built / "shards", "train", 8)))
+    assert batch["mean"].shape == (8, 4, 8, 8) and batch["mean_flip"].shape == (8, 4, 8, 8)
+    assert batch["emb"].shape == (8, 8, 32) and batch["mask"].dtype == torch.uint8
+    assert len(batch["caption"]) == 8
+    val = [k for b in make_loader(built / "shards", "val", 5) for k in b["key"]]
+    index = read_json(built / "shards" / "index.json")
+    assert len(val) == index["splits"]["val"]["samples"] == len(set(val))
+    assert val == [k for b in make_loader(built / "shards", "val", 5) for k in b["key"]]  # deterministic
+
+
+def _epoch_keys(built, rank, world, workers, epoch=0):
+    urls = [str(built / "shards" / s["name"]) for s in read_json(built / "shards" / "index.json")["splits"]["train"]["shards"]]
+    stream = ShardStream(urls, rank=rank, world_size=world, infinite=True, seed=3)
+    return [[s["__key__"] for s in stream.epoch_stream(epoch, rank * workers + w, world * workers)]
+            for w in range(workers)]
+
+
+@pytest.mark.parametrize("world, workers", [(1, 1), (2, 1), (2, 2), (3, 4)])
+def test_ranks_and_workers_split_an_epoch_exactly(built, world, workers):
+    total = read_json(built / "shards" / "index.json")["splits"]["train"]["samples"]
+    parts = [keys for r in range(world) for keys in _epoch_keys(built, r, world, workers)]
+    flat = [k for p in parts for k in p]
+    assert len(flat) == total and len(set(flat)) == total  # disjoint and complete, even with few shards
+    assert all(parts)  # nobody idles
+
+
+def test_infinite_stream_reshuffles_each_epoch(built):
+    assert _epoch_keys(built, 0, 1, 1, 0) != _epoch_keys(built, 0, 1, 1, 1)
+
+
+def test_no_pickle_in_shards(tmp_path):
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        data = buf.getvalue()
+        info = tarfile.TarInfo("k1.mean.npy")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        [decode(s) for s in read_tar(str(tmp_path / "bad.tar"))]
+
+
+def test_stale_upstream_is_named(built, tmp_path):
+    import shutil
+
+    shutil.copytree(built / "latents", tmp_path / "latents")
+    idx = read_json(tmp_path / "latents" / "index.json")
+    idx["samples"].pop(sorted(idx["samples"])[0])
+    (tmp_path / "latents" / "index.json").write_text(__import__("json").dumps(idx))
+    with pytest.raises(DitpipeError, match="the latents are stale, run `ditpipe latents`"):
+        run(ShardsConfig(), built / "prepared", tmp_path / "latents", built / "text", tmp_path / "shards")

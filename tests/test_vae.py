@@ -1,0 +1,50 @@
+import json
+
+import pytest
+import torch
+
+from ditpipe.config import DataConfig, VaeConfig
+from ditpipe.errors import DitpipeError
+from ditpipe.prepare import run as prepare
+from ditpipe.vae import build_vae, downsample_factor, run
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    prepare(DataConfig(count=40, resolution=16, val_fraction=0.2), tmp_path / "prepared")
+    return tmp_path / "prepared"
+
+
+def test_build_vae_shapes():
+    vae = build_vae(VaeConfig(block_out_channels=(8, 16, 16), latent_channels=4), 32)
+    assert downsample_factor(vae) == 4
+    z = vae.encode(torch.randn(2, 3, 32, 32)).latent_dist.mean
+    assert z.shape == (2, 4, 8, 8)
+
+
+def test_trains_saves_and_reports(prepared, tmp_path):
+    cfg = VaeConfig(block_out_channels=(8, 16), steps=30, batch_size=8, lr=3e-3)
+    s = run(cfg, prepared, tmp_path / "vae")
+    report = json.loads((tmp_path / "vae" / "report.json").read_text())
+    assert report["train_steps"] == 30 and report["scaling_factor_from"] == "measured 1/std"
+    losses = json.loads((tmp_path / "vae" / "losses.json").read_text())
+    assert sum(losses[-5:]) < sum(losses[:5])  # it learned something
+    assert s["psnr_db"] > 8 and s["latent_size"] == 8
+    config = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert config["scaling_factor"] == pytest.approx(report["scaling_factor"])
+    assert (tmp_path / "vae" / "recon.png").exists()
+
+
+def test_pretrained_by_path_with_subfolder_and_given_scaling(prepared, tmp_path):
+    build_vae(VaeConfig(block_out_channels=(8, 16)), 16).save_pretrained(tmp_path / "repo" / "vae")
+    cfg = VaeConfig(pretrained=str(tmp_path / "repo"), subfolder="vae", scaling_factor=0.5)
+    s = run(cfg, prepared, tmp_path / "out")
+    assert s["source"] == str(tmp_path / "repo") and s["train_steps"] == 0
+    assert s["scaling_factor"] == 0.5 and s["scaling_factor_from"] == "params"
+    cfg = VaeConfig(pretrained=str(tmp_path / "repo"), subfolder="vae")
+    assert run(cfg, prepared, tmp_path / "out2")["scaling_factor_from"] == "pretrained config"
+
+
+def test_bad_pretrained_is_a_clear_error(prepared, tmp_path):
+    with pytest.raises(DitpipeError, match="cannot load an AutoencoderKL from vae.pretrained="):
+        run(VaeConfig(pretrained=str(tmp_path / "nothing-here")), prepared, tmp_path / "out")
