@@ -44,7 +44,7 @@ class PathsConfig:
 class DataConfig:
     """The ``prepare`` stage: where images and captions come from and how they are normalized."""
 
-    source: str = opt("builtin:shapes", "builtin:shapes, an imagefolder, webdataset tars or parquet (path or fsspec URL)")
+    source: str = opt("builtin:shapes", "builtin:shapes, an imagefolder, webdataset tars or parquet (path/fsspec URL)")
     format: Literal["auto", "shapes", "imagefolder", "webdataset", "parquet"] = opt(
         "auto", "dataset format; auto detects it from the source"
     )
@@ -73,7 +73,8 @@ class DataConfig:
         try:
             ImageColor.getrgb(self.background)
         except ValueError:
-            raise ConfigError(f"data.background must be a PIL colour name or #rrggbb, got {self.background!r}") from None
+            msg = f"data.background must be a PIL colour name or #rrggbb, got {self.background!r}"
+            raise ConfigError(msg) from None
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class VaeConfig:
     pretrained: str = opt("", "hub id or local path of a diffusers AutoencoderKL; empty trains one")
     subfolder: str = opt("", "subfolder of `pretrained` holding the VAE (e.g. 'vae' in a pipeline repo)")
     latent_channels: int = opt(4, "latent channels of the trained VAE")
-    block_out_channels: tuple[int, ...] = opt([16, 32, 32], "channels per encoder block; each extra block halves the size")
+    block_out_channels: tuple[int, ...] = opt([16, 32, 32], "channels per VAE block; each after the first halves")
     layers_per_block: int = opt(1, "resnet layers per block of the trained VAE")
     steps: int = opt(600, "optimizer steps when training the VAE")
     batch_size: int = opt(32, "batch size when training the VAE")

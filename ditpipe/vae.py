@@ -155,7 +155,7 @@ def load_vae(pretrained: str, subfolder: str = "") -> AutoencoderKL:
     kwargs = {"subfolder": subfolder} if subfolder else {}
     try:
         return AutoencoderKL.from_pretrained(pretrained, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise DitpipeError(f"cannot load an AutoencoderKL from vae.pretrained={pretrained!r}: {exc}") from None
 
 

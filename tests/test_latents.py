@@ -53,7 +53,8 @@ def test_rerun_encodes_nothing_and_new_vae_reencodes_all(upstream):
     flipped = run(LatentsConfig(batch_size=16, flip=True, storage_dtype="float16"), p / "prepared", p / "vae",
                   p / "latents")
     assert flipped["encoded"] == 40
-    entry = TensorCache(p / "latents" / "cache").get(read_json(p / "latents" / "index.json")["samples"]["shapes-0000000"])
+    index = read_json(p / "latents" / "index.json")
+    entry = TensorCache(p / "latents" / "cache").get(index["samples"]["shapes-0000000"])
     assert entry["mean_flip"].dtype == torch.float16
 
 

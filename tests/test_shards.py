@@ -101,7 +101,8 @@ def test_loader_batches_and_val_pass(built):
 
 
 def _epoch_keys(built, rank, world, workers, epoch=0):
-    urls = [str(built / "shards" / s["name"]) for s in read_json(built / "shards" / "index.json")["splits"]["train"]["shards"]]
+    shards = read_json(built / "shards" / "index.json")["splits"]["train"]["shards"]
+    urls = [str(built / "shards" / s["name"]) for s in shards]
     stream = ShardStream(urls, rank=rank, world_size=world, infinite=True, seed=3)
     return [[s["__key__"] for s in stream.epoch_stream(epoch, rank * workers + w, world * workers)]
             for w in range(workers)]
