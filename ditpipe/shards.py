@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
@@ -49,8 +50,22 @@ def encode_sample(key: str, latents: dict[str, torch.Tensor], text: dict[str, to
 
 
 def sample_bytes(sample: dict) -> int:
-    """Bytes a sample takes in a tar: 512-byte header + padded data per member."""
-    return sum(512 + (len(v) + 511) // 512 * 512 for k, v in sample.items() if k != "__key__")
+    """Bytes a sample takes in a tar: a 512-byte header + data padded to 512 per member, plus a long-name
+    header (upper bound) where ``key.ext`` does not fit the 100-byte ustar name field."""
+    key = sample["__key__"]
+    total = 0
+    for ext, data in sample.items():
+        if ext == "__key__":
+            continue
+        total += 512 + -(-len(data) // 512) * 512
+        if len(f"{key}.{ext}") >= 100:
+            total += 1536
+    return total
+
+
+def tar_file_size(member_bytes: int) -> int:
+    """A tar's size on disk: members, two zero end blocks, padded to tarfile's 10240-byte record."""
+    return -(-(member_bytes + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
 class AtomicShardWriter:
@@ -67,7 +82,9 @@ class AtomicShardWriter:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._name = name
         self._tmp = self.out_dir / f"{TMP_PREFIX}{name}"
-        self._tar = wds.TarWriter(str(self._tmp), encoder=False)
+        # A fixed integer mtime: byte-identical shards for identical inputs, and no per-member PAX header
+        # (a float mtime costs one), which halves the tar parsing the loader does.
+        self._tar = wds.TarWriter(str(self._tmp), encoder=False, mtime=0)
         self._count = self._bytes = 0
 
     def _close(self) -> None:
@@ -83,7 +100,7 @@ class AtomicShardWriter:
     def write(self, sample: dict) -> None:
         size = sample_bytes(sample)
         if self._tar is not None and (
-            self._count >= self.max_samples or (self._count and self._bytes + size + 1024 > self.max_bytes)
+            self._count >= self.max_samples or tar_file_size(self._bytes + size) > self.max_bytes
         ):
             self._close()
         if self._tar is None:
@@ -131,7 +148,7 @@ def run(cfg: ShardsConfig, prepared: str | Path, latents_dir: str | Path, text_d
     def load_latents(key: str) -> dict[str, torch.Tensor]:
         return lat_cache.get(lat_index["samples"][key])
 
-    @lru_cache(maxsize=4096)
+    @lru_cache(maxsize=128)  # bounded: train order is shuffled, so a big cache would only grow memory
     def load_text(caption: str) -> dict[str, torch.Tensor]:
         return txt_cache.get(txt_index["captions"][caption_hash(caption)])
 

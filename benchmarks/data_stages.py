@@ -1,0 +1,170 @@
+"""Benchmarks of the data stages, each against a baseline measured in the same run.
+
+    python benchmarks/data_stages.py                 # all three, default sizes
+    python benchmarks/data_stages.py --only loader   # one of: encode, loader, memory
+
+1. encode: latents (images/s) and text (captions/s), batched as the stages do it vs a per-sample loop.
+2. loader: samples/s and MB/s from the shards vs the same arrays from memory and from one .npy per sample.
+3. memory: peak RSS of `ditpipe prepare` and `ditpipe shards` at 1k and 10k samples (must not grow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ditpipe.config import load_config  # noqa: E402
+from ditpipe.latents import encode_batch  # noqa: E402
+from ditpipe.loader import make_loader  # noqa: E402
+from ditpipe.stages import run_stage  # noqa: E402
+from ditpipe.text import TextEncoder  # noqa: E402
+from ditpipe.vae import PreparedImages, load_vae  # noqa: E402
+
+
+def rate(n: int, seconds: float) -> str:
+    return f"{n / seconds:9.1f}/s"
+
+
+def build(work: Path, count: int) -> object:
+    """Run prepare..shards on `count` shapes in `work` with the default params."""
+    cfg = load_config(None, [f"data.count={count}", "vae.steps=50"] +
+                      [f"paths.{k}={work / k}" for k in ("prepared", "vae", "latents", "text", "shards")])
+    for stage in ("prepare", "vae", "latents", "text", "shards"):
+        run_stage(stage, cfg)
+    return cfg
+
+
+def bench_encode(cfg, n_images: int = 512, n_captions: int = 256) -> None:
+    print("\n== encode: batched (as the stages run) vs one sample at a time")
+    vae = load_vae(cfg.paths.vae).eval()
+    imgs = PreparedImages(cfg.paths.prepared, None)
+    x = torch.stack([imgs[i] for i in range(min(n_images, len(imgs)))])
+    t = time.perf_counter()
+    for i in range(0, len(x), cfg.latents.batch_size):
+        encode_batch(vae, x[i : i + cfg.latents.batch_size], False)
+    batched = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(len(x)):
+        encode_batch(vae, x[i : i + 1], False)
+    loop = time.perf_counter() - t
+    print(f"latents  batched {rate(len(x), batched)}  per-sample {rate(len(x), loop)}  speed-up {loop / batched:.1f}x"
+          f"  ({len(x)} images, batch {cfg.latents.batch_size})")
+    enc = TextEncoder(cfg.text.encoder, cfg.text.max_length, cfg.text.dtype, torch.device("cpu"))
+    caps = [f"a small red circle number {i}" for i in range(n_captions)]
+    t = time.perf_counter()
+    for i in range(0, len(caps), cfg.text.batch_size):
+        enc.encode(caps[i : i + cfg.text.batch_size])
+    batched = time.perf_counter() - t
+    t = time.perf_counter()
+    for c in caps:
+        enc.encode([c])
+    loop = time.perf_counter() - t
+    print(f"text     batched {rate(len(caps), batched)}  per-sample {rate(len(caps), loop)}  speed-up "
+          f"{loop / batched:.1f}x  ({len(caps)} captions, batch {cfg.text.batch_size})")
+
+
+ARRAYS = ("mean", "logvar", "emb", "mask", "pooled")
+
+
+def _timed(batches) -> tuple[int, int, float]:
+    """(samples, bytes, seconds) to drain an iterable of batches."""
+    t, n, nbytes = time.perf_counter(), 0, 0
+    for b in batches:
+        n += len(b["key"])
+        nbytes += sum(b[k].numel() * b[k].element_size() for k in ARRAYS)
+    return n, nbytes, time.perf_counter() - t
+
+
+def _stacked(samples: list[dict], batch_size: int):
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i : i + batch_size]
+        batch = {k: torch.from_numpy(np.stack([a[k] for a in chunk])) for k in ARRAYS}
+        yield {**batch, "key": [None] * len(chunk)}
+
+
+def bench_loader(cfg, batch_size: int = 64) -> None:
+    print("\n== loader: one epoch from shards vs the same arrays from memory and from one .npy per array")
+
+    def line(name: str, n: int, nbytes: int, s: float, note: str) -> None:
+        print(f"{name:12} {rate(n, s)}  {nbytes / 1e6 / s:8.1f} MB/s  ({note})")
+
+    for workers in (0, 2):
+        loader = make_loader(cfg.paths.shards, "train", batch_size, num_workers=workers, infinite=False)
+        line("shards", *_timed(loader), f"DataLoader workers {workers}, shuffle buffer 1000")
+    samples = [{k: b[k][j].numpy() for k in ARRAYS}
+               for b in make_loader(cfg.paths.shards, "train", batch_size, infinite=False)
+               for j in range(len(b["key"]))]
+    line("memory", *_timed(_stacked(samples, batch_size)), "stacking in-memory arrays: the ceiling")
+    with tempfile.TemporaryDirectory() as d:
+        for i, a in enumerate(samples):
+            for k, v in a.items():
+                np.save(f"{d}/{i:07d}.{k}.npy", v)
+        order = np.random.default_rng(0).permutation(len(samples))
+        reread = ({k: np.load(f"{d}/{j:07d}.{k}.npy") for k in ARRAYS} for j in order)
+        note = f"{len(ARRAYS)} files per sample, shuffled, page cache warm"
+        line("npy files", *_timed_files(reread, batch_size), note)
+
+
+def _timed_files(reread, batch_size: int) -> tuple[int, int, float]:
+    t = time.perf_counter()
+    samples = list(reread)  # the reads are what is timed here
+    n, nbytes, _ = _timed(_stacked(samples, batch_size))
+    return n, nbytes, time.perf_counter() - t
+
+
+def peak_rss_mb(stage: str, params: Path, cwd: Path) -> float:
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child forked from this big process reports our size
+    code = ("import re, sys; from ditpipe.cli import main; rc = main(sys.argv[1:]); "
+            "print('MAXRSS', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, stage, "--params", str(params)], cwd=cwd, check=True,
+                         capture_output=True, text=True).stdout
+    return int(out.split("MAXRSS")[1]) / 1024
+
+
+def bench_memory(sizes: list[int]) -> None:
+    print("\n== memory: peak RSS of prepare and shards by dataset size")
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as d:
+            params = Path(d) / "params.yaml"
+            params.write_text(yaml.safe_dump({"data": {"count": n}, "vae": {"steps": 5}}))
+            prep = peak_rss_mb("prepare", params, Path(d))
+            for stage in ("vae", "latents", "text"):
+                subprocess.run([sys.executable, "-m", "ditpipe", stage, "--params", str(params)], cwd=d, check=True,
+                               capture_output=True)
+            shards = peak_rss_mb("shards", params, Path(d))
+            print(f"{n:6d} samples   prepare {prep:7.1f} MB   shards {shards:7.1f} MB")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=("encode", "loader", "memory"))
+    p.add_argument("--count", type=int, default=2000, help="shapes for the encode/loader benchmarks")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000], help="dataset sizes for memory")
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    if args.only in (None, "encode", "loader"):
+        with tempfile.TemporaryDirectory() as d:
+            cfg = build(Path(d), args.count)
+            if args.only in (None, "encode"):
+                bench_encode(cfg)
+            if args.only in (None, "loader"):
+                bench_loader(cfg)
+    if args.only in (None, "memory"):
+        bench_memory(args.sizes)
+
+
+if __name__ == "__main__":
+    main()
