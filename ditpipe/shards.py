@@ -115,6 +115,23 @@ class AtomicShardWriter:
         return self.shards
 
 
+def scan_rows(path: Path) -> list[dict]:
+    """``{key, split, offset}`` of every line of samples.jsonl (the rows stay on disk)."""
+    entries, offset = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                entries.append({"key": row["key"], "split": row["split"], "offset": offset})
+            offset += len(line)
+    return entries
+
+
+def read_row(f, offset: int) -> dict:
+    f.seek(offset)
+    return json.loads(f.readline())
+
+
 def write_order(samples: list[dict], split: str, seed: int) -> list[dict]:
     """Train samples shuffled (each shard a mix), val sorted by key (deterministic evaluation)."""
     rows = sorted((s for s in samples if s["split"] == split), key=lambda s: s["key"])
@@ -140,10 +157,11 @@ def run(cfg: ShardsConfig, prepared: str | Path, latents_dir: str | Path, text_d
                           (text_dir / "index.json", "text")):
         if not folder.exists():
             raise DitpipeError(f"{folder} is missing: run `ditpipe {stage}` first")
-    samples = list(read_jsonl(prepared / "samples.jsonl"))
+    rows_path = prepared / "samples.jsonl"
+    samples = scan_rows(rows_path)  # only key, split and file offset per sample: memory stays flat
     lat_index, txt_index = read_json(latents_dir / "index.json"), read_json(text_dir / "index.json")
     lat_cache, txt_cache = TensorCache(latents_dir / "cache"), TensorCache(text_dir / "cache")
-    _check_fresh(samples, lat_index, txt_index, lat_cache, txt_cache)
+    _check_fresh(read_jsonl(rows_path), lat_index, txt_index, lat_cache, txt_cache)
 
     def load_latents(key: str) -> dict[str, torch.Tensor]:
         return lat_cache.get(lat_index["samples"][key])
@@ -153,10 +171,12 @@ def run(cfg: ShardsConfig, prepared: str | Path, latents_dir: str | Path, text_d
         return txt_cache.get(txt_index["captions"][caption_hash(caption)])
 
     splits = {}
-    with staged_dir(out_dir) as tmp, tqdm(total=len(samples), desc="shards", unit="sample", disable=None) as bar:
+    bar = tqdm(total=len(samples), desc="shards", unit="sample", disable=None)
+    with open(rows_path, "rb") as rows_file, staged_dir(out_dir) as tmp, bar:
         for split in SPLITS:
             writer = AtomicShardWriter(tmp, split, cfg.max_samples, cfg.max_bytes)
-            for _ in pack(write_order(samples, split, cfg.seed), writer, load_latents, load_text):
+            rows = (read_row(rows_file, entry["offset"]) for entry in write_order(samples, split, cfg.seed))
+            for _ in pack(rows, writer, load_latents, load_text):
                 bar.update()
             shards = writer.close()
             splits[split] = {"samples": sum(s["samples"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
@@ -178,7 +198,7 @@ def run(cfg: ShardsConfig, prepared: str | Path, latents_dir: str | Path, text_d
             "seconds": round(time.perf_counter() - t0, 2), "out": str(out_dir)}
 
 
-def _check_fresh(samples: list[dict], lat_index: dict, txt_index: dict, lat_cache: TensorCache,
+def _check_fresh(samples: Iterable[dict], lat_index: dict, txt_index: dict, lat_cache: TensorCache,
                  txt_cache: TensorCache) -> None:
     """Every sample must have its latents and caption embedding; name the first that does not."""
     for s in samples:
