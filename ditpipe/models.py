@@ -1,0 +1,369 @@
+"""Denoisers: DiT (adaLN-Zero), cross-attention DiT (PixArt-alpha), MM-DiT (SD3) and a U-Net baseline.
+
+Read top to bottom like DiT's ``models.py``: embedders, block, final layer, model, then size presets
+and the registry. Every architecture is wrapped in :class:`Denoiser`, which gives them one call:
+``denoiser(x, t, emb, mask, pooled)`` with ``t`` on the 0..1000 scale.
+
+Why our own DiT: diffusers' ``DiTTransformer2DModel`` copies the timestep/class embedder into every
+block (about 750M parameters for XL/2 instead of the paper's 675M). PixArt's and SD3's transformers
+and the U-Net are diffusers' own: they are faithful to their papers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import ModelMixin, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ditpipe.errors import ConfigError
+
+# ---------------------------------------------------------------- embedders
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps to vectors: sinusoidal features, then a two-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]  # (N, half)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels to vectors; the extra last row is the "no label" embedding for CFG."""
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels)  # (N, D)
+
+
+class PooledTextEmbedder(nn.Module):
+    """The caption's pooled embedding to a conditioning vector (added to the timestep's)."""
+
+    def __init__(self, text_dim: int, hidden_size: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.mlp(pooled)  # (N, D)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_pos_embed(dim: int, grid: int) -> np.ndarray:
+    """2-D sine-cosine position embedding of a ``grid`` x ``grid`` patch grid: (grid*grid, dim)."""
+
+    def one_d(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
+    return np.concatenate([one_d(dim // 2, gh), one_d(dim // 2, gw)], axis=1)
+
+
+# ---------------------------------------------------------------- block and final layer
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through PyTorch's fused SDPA kernels."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, H, T, D/H)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+class DiTBlock(nn.Module):
+    """A transformer block with adaLN-Zero conditioning."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        hidden = int(hidden_size * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, hidden_size))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, D)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C)
+
+
+# ---------------------------------------------------------------- model
+
+
+class DiT(ModelMixin, ConfigMixin):
+    """Diffusion Transformer (Peebles & Xie 2023) with one shared conditioning embedder.
+
+    Conditioning ``c`` = timestep embedding + pooled caption embedding (when ``text_dim``) + class
+    embedding (when ``num_classes``), injected into every block through adaLN-Zero.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(self, sample_size: int = 32, patch_size: int = 2, in_channels: int = 4, out_channels: int = 4,
+                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
+                 num_classes: int = 0, text_dim: int = 0):
+        super().__init__()
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes else None
+        self.text_embedder = PooledTextEmbedder(text_dim, hidden_size) if text_dim else None
+        grid = sample_size // patch_size
+        pos = torch.from_numpy(sincos_pos_embed(hidden_size, grid)).float().unsqueeze(0)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)  # fixed, as in DiT
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
+        self.gradient_checkpointing = False
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def basic(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+        self.apply(basic)
+        w = self.x_embedder.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        p, c = self.config.patch_size, self.config.out_channels
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, pooled: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
+        c = self.t_embedder(timestep)  # (N, D)
+        if self.text_embedder is not None:
+            c = c + self.text_embedder(pooled)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(class_labels)
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)  # (N, T, D)
+        return self.unpatchify(self.final_layer(x, c))  # (N, C_out, H, W)
+
+
+# ---------------------------------------------------------------- one interface for every arch
+
+
+@dataclass(frozen=True)
+class Preset:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    unet_channels: tuple[int, ...]
+
+
+# DiT's S/B/L/XL, plus two for CPUs: XS (about 4M parameters with cross-attention) and T (tests).
+PRESETS: dict[str, Preset] = {
+    "T": Preset(2, 32, 2, (32, 32)),
+    "XS": Preset(6, 192, 3, (64, 128)),
+    "S": Preset(12, 384, 6, (128, 256, 256)),
+    "B": Preset(12, 768, 12, (192, 384, 768)),
+    "L": Preset(24, 1024, 16, (256, 512, 1024, 1024)),
+    "XL": Preset(28, 1152, 16, (320, 640, 1280, 1280)),
+}
+PATCHES = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a denoiser is built for: latent shape and caption embedding width."""
+
+    latent_channels: int
+    latent_size: int
+    text_dim: int
+    num_classes: int = 0
+    learn_sigma: bool = False  # DiT's class-conditional setting predicts the variance too
+
+    @property
+    def out_channels(self) -> int:
+        return self.latent_channels * (2 if self.learn_sigma else 1)
+
+
+def parse_size(size: str) -> tuple[Preset, int]:
+    """``"S/2"`` to (preset, patch)."""
+    m = re.fullmatch(r"([A-Z]+)/(\d+)", size)
+    if not m or m.group(1) not in PRESETS or int(m.group(2)) not in PATCHES:
+        known = ", ".join(f"{k}/{p}" for k in PRESETS for p in (2, 4, 8))
+        raise ConfigError(f"model.size must be PRESET/PATCH, one of {known}; got {size!r}")
+    return PRESETS[m.group(1)], int(m.group(2))
+
+
+class Denoiser(nn.Module):
+    """``inner`` (a diffusers model) behind one call: ``(x, t, emb, mask, pooled) -> prediction``."""
+
+    def __init__(self, inner: ModelMixin, call: Callable, arch: str):
+        super().__init__()
+        self.inner, self._call, self.arch = inner, call, arch
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor,
+                pooled: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self._call(self.inner, x, t, emb, mask, pooled, class_labels)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.inner.enable_gradient_checkpointing()
+
+
+def build_dit(preset: Preset, patch: int, spec: Spec) -> Denoiser:
+    inner = DiT(sample_size=spec.latent_size, patch_size=patch, in_channels=spec.latent_channels,
+                out_channels=spec.out_channels, hidden_size=preset.hidden_size, depth=preset.depth,
+                num_heads=preset.num_heads, num_classes=spec.num_classes, text_dim=spec.text_dim)
+    return Denoiser(inner, lambda m, x, t, emb, mask, pooled, y: m(x, t, pooled=pooled, class_labels=y), "dit")
+
+
+def build_cross(preset: Preset, patch: int, spec: Spec) -> Denoiser:
+    inner = PixArtTransformer2DModel(
+        num_attention_heads=preset.num_heads, attention_head_dim=preset.hidden_size // preset.num_heads,
+        in_channels=spec.latent_channels, out_channels=spec.out_channels, num_layers=preset.depth,
+        cross_attention_dim=preset.hidden_size, sample_size=spec.latent_size, patch_size=patch,
+        caption_channels=spec.text_dim, use_additional_conditions=False, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000,
+    )
+
+    def call(m, x, t, emb, mask, pooled, y):
+        return m(x, encoder_hidden_states=emb, timestep=t, encoder_attention_mask=mask,
+                 added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+
+    return Denoiser(inner, call, "cross")
+
+
+def build_mmdit(preset: Preset, patch: int, spec: Spec) -> Denoiser:
+    inner = SD3Transformer2DModel(
+        sample_size=spec.latent_size, patch_size=patch, in_channels=spec.latent_channels, num_layers=preset.depth,
+        attention_head_dim=preset.hidden_size // preset.num_heads, num_attention_heads=preset.num_heads,
+        joint_attention_dim=spec.text_dim, caption_projection_dim=preset.hidden_size,
+        pooled_projection_dim=spec.text_dim, out_channels=spec.out_channels,
+        pos_embed_max_size=max(spec.latent_size // patch, 1),
+    )
+
+    def call(m, x, t, emb, mask, pooled, y):
+        return m(x, encoder_hidden_states=emb, pooled_projections=pooled, timestep=t).sample
+
+    return Denoiser(inner, call, "mmdit")
+
+
+def build_unet(preset: Preset, patch: int, spec: Spec) -> Denoiser:
+    chans = preset.unet_channels
+    n = len(chans)
+    inner = UNet2DConditionModel(
+        sample_size=spec.latent_size, in_channels=spec.latent_channels, out_channels=spec.out_channels,
+        block_out_channels=chans, layers_per_block=2 if preset.depth > 2 else 1,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=spec.text_dim, attention_head_dim=max(chans[0] // 32, 1) * 8 if chans[0] >= 64 else 8,
+        norm_num_groups=min(32, math.gcd(*chans)),
+    )
+
+    def call(m, x, t, emb, mask, pooled, y):
+        return m(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
+
+    return Denoiser(inner, call, "unet")
+
+
+ARCHS: dict[str, Callable[[Preset, int, Spec], Denoiser]] = {
+    "dit": build_dit,
+    "cross": build_cross,
+    "mmdit": build_mmdit,
+    "unet": build_unet,
+}
+
+
+def build_model(arch: str, size: str, spec: Spec) -> Denoiser:
+    """The denoiser named by ``model.arch`` and ``model.size`` for latents/captions of ``spec``."""
+    if arch not in ARCHS:
+        raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}; got {arch!r}")
+    preset, patch = parse_size(size)
+    if arch != "unet" and spec.latent_size % patch:
+        raise ConfigError(f"model.size {size}: patch {patch} does not divide the {spec.latent_size}px latent")
+    return ARCHS[arch](preset, patch, spec)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters, the fixed position embedding included, as DiT's paper counts them."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(model: Denoiser, spec: Spec, max_length: int = 8) -> float:
+    """FLOPs of one forward pass on one sample (2 per multiply-accumulate), counted by PyTorch."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, spec.latent_channels, spec.latent_size, spec.latent_size)
+    emb = torch.zeros(1, max_length, max(spec.text_dim, 1))
+    mask = torch.ones(1, max_length, dtype=torch.long)
+    pooled = torch.zeros(1, max(spec.text_dim, 1))
+    y = torch.zeros(1, dtype=torch.long) if spec.num_classes else None
+    counter = FlopCounterMode(display=False)
+    # The math SDPA backend runs attention as bmm ops the counter sees; CPU's fused kernel has no formula.
+    with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
+        model(x, torch.ones(1) * 500, emb, mask, pooled, y)
+    return float(counter.get_total_flops())
