@@ -15,6 +15,7 @@ STAGE_HELP = {
     "latents": "encode prepared images with the VAE into a content-keyed latent cache",
     "text": "encode every unique caption (and the empty caption) with the text encoder",
     "shards": "pack latents + text embeddings into webdataset tar shards with an index",
+    "train": "train (or resume) the denoiser from the shards; logs to metrics.jsonl and MLflow",
 }
 
 

@@ -38,6 +38,7 @@ class PathsConfig:
     latents: str = opt("artifacts/latents", "per-sample VAE posterior cache and its index")
     text: str = opt("artifacts/text", "per-caption text embedding cache and its index")
     shards: str = opt("artifacts/shards", "webdataset tar shards (train/val) and index.json")
+    train: str = opt("artifacts/train", "the training run: checkpoints, metrics.jsonl, final EMA model")
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,69 @@ class ShardsConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """The denoiser: architecture and size preset."""
+
+    arch: Literal["dit", "cross", "mmdit", "unet"] = opt(
+        "cross", "dit (adaLN-Zero), cross (PixArt cross-attention), mmdit (SD3 joint attention) or unet"
+    )
+    size: str = opt("XS/2", "PRESET/PATCH: T, XS (CPU) or DiT's S, B, L, XL; patch 1, 2, 4 or 8")
+
+    def __post_init__(self) -> None:
+        from ditpipe.presets import parse_size
+
+        parse_size(self.size)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The ``train`` stage: objective, optimizer, EMA, checkpoints and logging."""
+
+    objective: Literal["ddpm", "rectified_flow"] = opt("rectified_flow", "ddpm (epsilon) or rectified_flow (velocity)")
+    steps: int = opt(600, "optimizer steps in total (raise it and re-run to train on)")
+    batch_size: int = opt(64, "samples per step on each process")
+    lr: float = opt(5e-4, "AdamW peak learning rate")
+    warmup_steps: int = opt(50, "linear learning-rate warm-up steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = off)")
+    ema_decay: float = opt(0.9999, "EMA decay, reached gradually (warm-up) so short runs still get a usable EMA")
+    caption_dropout: float = opt(0.1, "fraction of captions replaced by the empty caption (for CFG)")
+    flip_prob: float = opt(0.5, "chance of using the flipped latents when the shards have them")
+    seed: int = opt(0, "seed of model init, data order and noise")
+    checkpoint_every: int = opt(200, "steps between checkpoints")
+    keep_checkpoints: int = opt(3, "checkpoints kept (oldest deleted first)")
+    log_every: int = opt(10, "steps between metric logs (metrics.jsonl and MLflow)")
+    num_workers: int = opt(0, "DataLoader workers per process")
+    shuffle_buffer: int = opt(1000, "samples in the loader's shuffle buffer")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "auto = bf16 on GPU, fp32 on CPU")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    compile: bool = opt(False, "torch.compile the model")
+    peak_tflops: float = opt(0.0, "device peak TFLOP/s for MFU; 0 looks up known GPUs")
+    record_keys: bool = opt(False, "write the sample keys of every step to keys-rank<N>.jsonl (audits data order)")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+            _check_min(f"train.{name}", getattr(self, name), 1)
+        for name in ("warmup_steps", "num_workers", "shuffle_buffer"):
+            _check_min(f"train.{name}", getattr(self, name), 0)
+        _check_min("train.lr", self.lr, 0.0)
+        _check_range("train.ema_decay", self.ema_decay, 0.0, 1.0)
+        _check_range("train.caption_dropout", self.caption_dropout, 0.0, 1.0)
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ConfigError(f"train.flip_prob must be in [0, 1], got {self.flip_prob}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking."""
+
+    enabled: bool = opt(True, "log runs to MLflow")
+    uri: str = opt("", "tracking URI; empty = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db")
+    experiment: str = opt("ditpipe", "MLflow experiment name")
+    run_name: str = opt("", "MLflow run name; empty = ARCH-SIZE-OBJECTIVE")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole params.yaml."""
 
@@ -157,6 +221,9 @@ class Config:
     latents: LatentsConfig = field(default_factory=LatentsConfig)
     text: TextConfig = field(default_factory=TextConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def _check_min(key: str, value: float, low: float) -> None:

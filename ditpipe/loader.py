@@ -10,6 +10,7 @@ validation it makes one pass in a fixed order. Within an epoch every sample goes
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
@@ -67,11 +68,19 @@ class ShardStream(IterableDataset):
     """Samples from shard ``urls`` for one rank; infinite and reshuffled per epoch, or one ordered pass."""
 
     def __init__(self, urls: list[str], *, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
-                 seed: int = 0, infinite: bool = False):
+                 seed: int = 0, infinite: bool = False, skip_batches: int = 0, batch_size: int = 1):
         if not urls:
             raise DitpipeError("no shards to read")
         self.urls, self.rank, self.world_size = list(urls), rank, world_size
         self.shuffle_buffer, self.seed, self.infinite = shuffle_buffer, seed, infinite
+        self.skip_batches, self.batch_size = skip_batches, batch_size
+
+    def samples_to_skip(self, worker: int, num_workers: int) -> int:
+        """Samples this worker already delivered, when this rank has consumed ``skip_batches`` batches.
+
+        The DataLoader takes batches from its workers in turn, so worker w made batches w, w+n, w+2n, ...
+        """
+        return len(range(worker, self.skip_batches, num_workers)) * self.batch_size
 
     def epoch_stream(self, epoch: int, consumer: int, consumers: int) -> Iterator[dict]:
         """Undecoded samples of ``epoch`` for consumer ``consumer`` of ``consumers``."""
@@ -93,13 +102,17 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
         consumer, consumers = self.rank * nworkers + wid, self.world_size * nworkers
+        skip = self.samples_to_skip(wid, nworkers)  # resuming: fast-forward without decoding
+        for sample in itertools.islice(self.raw_samples(consumer, consumers), skip, None):
+            yield decode(sample)
+
+    def raw_samples(self, consumer: int, consumers: int) -> Iterator[dict]:
         epoch = 0
         while True:
             stream = self.epoch_stream(epoch, consumer, consumers)
             if self.shuffle_buffer > 1:
                 stream = shuffled(stream, self.shuffle_buffer, random.Random(f"{self.seed}-{epoch}-{consumer}"))
-            for sample in stream:
-                yield decode(sample)
+            yield from stream
             if not self.infinite:
                 return
             epoch += 1
@@ -145,7 +158,7 @@ def empty_caption(shards_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def make_loader(shards_dir: str | Path, split: str, batch_size: int, *, num_workers: int = 0,
                 shuffle_buffer: int | None = None, seed: int = 0, rank: int | None = None,
-                world_size: int | None = None, infinite: bool | None = None) -> DataLoader:
+                world_size: int | None = None, infinite: bool | None = None, skip_batches: int = 0) -> DataLoader:
     """A DataLoader of collated batches. Train defaults: infinite + shuffled; val: one ordered pass."""
     train = split == "train"
     if rank is None or world_size is None:
@@ -153,7 +166,7 @@ def make_loader(shards_dir: str | Path, split: str, batch_size: int, *, num_work
     stream = ShardStream(
         shard_urls(str(shards_dir), split), rank=rank, world_size=world_size, seed=seed,
         shuffle_buffer=(1000 if train else 0) if shuffle_buffer is None else shuffle_buffer,
-        infinite=train if infinite is None else infinite,
+        infinite=train if infinite is None else infinite, skip_batches=skip_batches, batch_size=batch_size,
     )
     return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                       drop_last=train, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())

@@ -12,7 +12,6 @@ and the U-Net are diffusers' own: they are faithful to their papers.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ditpipe.errors import ConfigError
+from ditpipe.presets import Preset, parse_size
 
 # ---------------------------------------------------------------- embedders
 
@@ -215,26 +215,6 @@ class DiT(ModelMixin, ConfigMixin):
 
 
 @dataclass(frozen=True)
-class Preset:
-    depth: int
-    hidden_size: int
-    num_heads: int
-    unet_channels: tuple[int, ...]
-
-
-# DiT's S/B/L/XL, plus two for CPUs: XS (about 4M parameters with cross-attention) and T (tests).
-PRESETS: dict[str, Preset] = {
-    "T": Preset(2, 32, 2, (32, 32)),
-    "XS": Preset(6, 192, 3, (64, 128)),
-    "S": Preset(12, 384, 6, (128, 256, 256)),
-    "B": Preset(12, 768, 12, (192, 384, 768)),
-    "L": Preset(24, 1024, 16, (256, 512, 1024, 1024)),
-    "XL": Preset(28, 1152, 16, (320, 640, 1280, 1280)),
-}
-PATCHES = (1, 2, 4, 8)
-
-
-@dataclass(frozen=True)
 class Spec:
     """What a denoiser is built for: latent shape and caption embedding width."""
 
@@ -247,15 +227,6 @@ class Spec:
     @property
     def out_channels(self) -> int:
         return self.latent_channels * (2 if self.learn_sigma else 1)
-
-
-def parse_size(size: str) -> tuple[Preset, int]:
-    """``"S/2"`` to (preset, patch)."""
-    m = re.fullmatch(r"([A-Z]+)/(\d+)", size)
-    if not m or m.group(1) not in PRESETS or int(m.group(2)) not in PATCHES:
-        known = ", ".join(f"{k}/{p}" for k in PRESETS for p in (2, 4, 8))
-        raise ConfigError(f"model.size must be PRESET/PATCH, one of {known}; got {size!r}")
-    return PRESETS[m.group(1)], int(m.group(2))
 
 
 class Denoiser(nn.Module):

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from ditpipe.config import Config
 
-ORDER = ("prepare", "vae", "latents", "text", "shards")
+ORDER = ("prepare", "vae", "latents", "text", "shards", "train")
 
 
 def _prepare(cfg: Config) -> dict:
@@ -44,12 +44,20 @@ def _shards(cfg: Config) -> dict:
     return shards.run(cfg.shards, cfg.paths.prepared, cfg.paths.latents, cfg.paths.text, cfg.paths.shards)
 
 
+def _train(cfg: Config) -> dict:
+    from ditpipe import train
+    from ditpipe.config import to_dict
+
+    return train.run(cfg.model, cfg.train, cfg.tracking, cfg.paths.shards, cfg.paths.train, to_dict(cfg))
+
+
 STAGES: dict[str, Callable[[Config], dict]] = {
     "prepare": _prepare,
     "vae": _vae,
     "latents": _latents,
     "text": _text,
     "shards": _shards,
+    "train": _train,
 }
 
 

@@ -1,0 +1,348 @@
+"""Stage ``train``: a DiT-family denoiser from the shards, with exact resume.
+
+The run folder (``paths.train``) holds ``checkpoints/checkpoint-NNNNNN`` (model, EMA, optimizer, LR
+schedule, step, RNG states, data position, resolved config; written atomically, last N kept),
+``metrics.jsonl`` (one object per logged step) and ``final/`` (the EMA model, ``save_pretrained``).
+Running the stage again on the same folder resumes from the newest checkpoint; a run with a
+different model, objective or data starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ditpipe import tracking
+from ditpipe.config import ModelConfig, TrackingConfig, TrainConfig
+from ditpipe.io import TMP_PREFIX, cache_key, read_json, read_jsonl, sha256_file, write_json
+from ditpipe.loader import empty_caption, load_index, make_loader
+from ditpipe.models import Denoiser, Spec, build_model, count_parameters, forward_flops
+from ditpipe.objectives import build_objective
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak TFLOP/s of common GPUs, for model FLOPs utilisation (MFU).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
+               "4090": 165.0}
+
+
+@dataclass
+class Batch:
+    """A training batch on the device, caption dropout applied."""
+
+    x0: torch.Tensor  # (N, C, h, w) scaled latents
+    emb: torch.Tensor  # (N, L, D)
+    mask: torch.Tensor  # (N, L)
+    pooled: torch.Tensor  # (N, D)
+
+
+# ---------------------------------------------------------------- the pure core
+
+
+def make_batch(raw: dict, empty: dict[str, torch.Tensor], cfg: TrainConfig, gen: torch.Generator,
+               scale: float, shift: float, device: torch.device) -> Batch:
+    """Resample latents from the stored posterior, scale them, drop captions; draws only from ``gen``."""
+    mean, logvar = raw["mean"].float(), raw["logvar"].float()
+    n = mean.shape[0]
+    if "mean_flip" in raw:
+        flip = (torch.rand(n, generator=gen) < cfg.flip_prob).view(-1, 1, 1, 1)
+        mean = torch.where(flip, raw["mean_flip"].float(), mean)
+        logvar = torch.where(flip, raw["logvar_flip"].float(), logvar)
+    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+    x0 = (z - shift) * scale
+    drop = torch.rand(n, generator=gen) < cfg.caption_dropout
+    emb, mask, pooled = raw["emb"].float(), raw["mask"].long(), raw["pooled"].float()
+    emb = torch.where(drop.view(-1, 1, 1), empty["emb"].float(), emb)
+    mask = torch.where(drop.view(-1, 1), empty["mask"].long(), mask)
+    pooled = torch.where(drop.view(-1, 1), empty["pooled"].float(), pooled)
+    return Batch(x0.to(device), emb.to(device), mask.to(device), pooled.to(device))
+
+
+def diffusion_loss(model: Denoiser, objective, batch: Batch, gen: torch.Generator) -> torch.Tensor:
+    """MSE between the model's prediction on a noised batch and the objective's target."""
+    noise = torch.randn(batch.x0.shape, generator=gen).to(batch.x0.device)
+    t = objective.sample_t(batch.x0.shape[0], gen).to(batch.x0.device)
+    xt = objective.noisy(batch.x0, noise, t)
+    pred = model(xt, t, batch.emb, batch.mask, batch.pooled)
+    return F.mse_loss(pred.float(), objective.target(batch.x0, noise, t).float())
+
+
+# ---------------------------------------------------------------- build steps
+
+
+def model_spec(index: dict) -> Spec:
+    c, h, w = index["latents"]["latent_shape"]
+    return Spec(latent_channels=c, latent_size=h, text_dim=index["text"]["dim"])
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    warmup = max(cfg.warmup_steps, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    return opt, sched
+
+
+def build_ema(model: torch.nn.Module, cfg: TrainConfig) -> EMAModel:
+    # Warm-up: decay = 1 - (1 + step)^(-2/3), capped at ema_decay; about 0.985 after 600 steps.
+    return EMAModel(model.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(mixed_precision=precision)
+
+
+def run_fingerprint(resolved: dict, index_hash: str) -> str:
+    """What must match to resume: model, objective, optimisation and data (not steps or logging)."""
+    train = {k: v for k, v in resolved["train"].items()
+             if k not in ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "compile",
+                          "peak_tflops", "gradient_checkpointing", "mixed_precision")}
+    return cache_key(json.dumps(resolved["model"], sort_keys=True), json.dumps(train, sort_keys=True), index_hash)
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return 0.0
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    return sorted(root.glob("checkpoint-*")) if root.exists() else []
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "generator": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, gen: torch.Generator) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, model, ema: EMAModel, opt, sched,
+                    gen: torch.Generator, meta: dict, keep: int) -> None:
+    """Write checkpoint-STEP under a temp name, then rename; every rank adds its RNG state."""
+    final = run_dir / "checkpoints" / f"checkpoint-{step:06d}"
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    torch.save(rng_state(gen), tmp / f"rng-rank{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        inner = acc.unwrap_model(model)
+        save_file({k: v.contiguous() for k, v in inner.state_dict().items()}, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ema": ema.state_dict()},
+                   tmp / "state.pt")
+        write_json(tmp / "trainer.json", {**meta, "step": step})
+        os.replace(tmp, final)
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def load_checkpoint(path: Path, acc: Accelerator, model, ema: EMAModel, opt, sched, gen: torch.Generator) -> dict:
+    acc.unwrap_model(model).load_state_dict(load_file(str(path / "model.safetensors")))
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    ema.load_state_dict(state["ema"])
+    rng = path / f"rng-rank{acc.process_index}.pt"
+    if rng.exists():
+        set_rng_state(torch.load(rng, map_location="cpu", weights_only=False), gen)
+    return read_json(path / "trainer.json")
+
+
+def save_final(acc: Accelerator, run_dir: Path, model, ema: EMAModel, info: dict) -> Path:
+    """The EMA weights as a diffusers model folder, plus what evaluation needs to use it."""
+    final = run_dir / "final"
+    if acc.is_main_process:
+        inner = acc.unwrap_model(model)
+        ema.store(inner.parameters())
+        ema.copy_to(inner.parameters())
+        tmp = final.with_name(f"{TMP_PREFIX}final")
+        shutil.rmtree(tmp, ignore_errors=True)
+        inner.inner.save_pretrained(tmp)
+        write_json(tmp / "ditpipe.json", info)
+        ema.restore(inner.parameters())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    acc.wait_for_everyone()
+    return final
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint we resume from: those steps are trained again."""
+    if path.exists():
+        rows = [r for r in read_jsonl(path) if r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def run(model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_dir: str | Path,
+        out_dir: str | Path, resolved: dict) -> dict:
+    """Train (or resume) into ``out_dir``; return a summary."""
+    t_start = time.perf_counter()
+    shards_dir, run_dir = Path(shards_dir), Path(out_dir)
+    index = load_index(shards_dir)
+    index_hash = sha256_file(shards_dir / "index.json")
+    acc = build_accelerator(cfg)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    fingerprint = run_fingerprint(resolved, index_hash)
+
+    latest = checkpoints(run_dir)[-1] if checkpoints(run_dir) else None
+    if latest is not None and read_json(latest / "trainer.json").get("fingerprint") != fingerprint:
+        if acc.is_main_process:
+            print(f"train: {run_dir} holds a run with another model, objective or data; starting over", flush=True)
+            shutil.rmtree(run_dir)
+        acc.wait_for_everyone()
+        latest = None
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)  # same init on every rank
+    spec = model_spec(index)
+    model = build_model(model_cfg.arch, model_cfg.size, spec)
+    n_params = count_parameters(model)
+    flops_per_image = 3 * forward_flops(model, spec, index["text"]["max_length"])  # forward + backward
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    ema = build_ema(model, cfg)
+    opt, sched = build_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
+    step, meta = 0, {}
+    if latest is not None:
+        meta = load_checkpoint(latest, acc, model, ema, opt, sched, gen)
+        step = meta["step"]
+        if (meta["world_size"], meta["num_workers"]) != (acc.num_processes, cfg.num_workers):
+            print("train: resuming with a different process or worker count: the data order will differ "
+                  "from an uninterrupted run", flush=True)
+    ema.to(acc.device)
+    model, opt = acc.prepare(model, opt)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    objective = build_objective(cfg.objective)
+    empty = empty_caption(shards_dir)
+    scale = float(index["latents"]["scaling_factor"])
+    shift = float(index["latents"].get("shift_factor") or 0.0)
+    metrics_path = run_dir / "metrics.jsonl"
+    keys_path = run_dir / f"keys-rank{acc.process_index}.jsonl"
+    if acc.is_main_process:
+        truncate_metrics(metrics_path, step)
+    if cfg.record_keys:
+        truncate_metrics(keys_path, step)
+    acc.wait_for_everyone()
+
+    tracker = tracking.start(track, run_dir, resolved, index_hash, meta.get("mlflow_run_id"), acc.is_main_process,
+                             default_name=f"{model_cfg.arch}-{model_cfg.size.replace('/', '_')}-{cfg.objective}")
+    meta = {"fingerprint": fingerprint, "world_size": acc.num_processes, "num_workers": cfg.num_workers,
+            "config": resolved, "shards_index_sha256": index_hash, "mlflow_run_id": tracker.run_id,
+            "samples_per_rank": 0}
+    peak = peak_flops(cfg, acc.device)
+    loader = make_loader(shards_dir, "train", cfg.batch_size, num_workers=cfg.num_workers,
+                         shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=acc.process_index,
+                         world_size=acc.num_processes, infinite=True, skip_batches=step)
+    start_step = step
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=None if acc.is_main_process else True)
+    window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+    model.train()
+    data = iter(loader)
+    while step < cfg.steps:
+        raw = next(data)
+        batch = make_batch(raw, empty, cfg, gen, scale, shift, acc.device)
+        with acc.autocast():
+            loss = diffusion_loss(model, objective, batch, gen)
+        acc.backward(loss)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(acc.unwrap_model(model).parameters())
+        step += 1
+        window_loss += loss.detach().float().item()
+        window_steps += 1
+        if cfg.record_keys:
+            with open(keys_path, "a") as f:
+                f.write(json.dumps({"step": step, "keys": raw["key"]}) + "\n")
+        bar.update()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.perf_counter() - window_start
+            mean_loss = acc.reduce(torch.tensor(window_loss / window_steps, device=acc.device), "mean").item()
+            images_s = window_steps * cfg.batch_size * acc.num_processes / elapsed
+            row = {"step": step, "loss": mean_loss, "lr": sched.get_last_lr()[0], "images_per_s": images_s,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "ema_decay": ema.get_decay(ema.optimization_step), "memory_mb": memory_mb(acc.device)}
+            if peak:
+                row["mfu"] = images_s * flops_per_image / (peak * acc.num_processes)
+            if acc.is_main_process:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                tracker.log_metrics(row, step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+            window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            meta["samples_per_rank"] = step * cfg.batch_size
+            save_checkpoint(acc, run_dir, step, model, ema, opt, sched, gen, meta, cfg.keep_checkpoints)
+    bar.close()
+    info = {"arch": model_cfg.arch, "size": model_cfg.size, "objective": cfg.objective, "step": step,
+            "spec": vars(spec), "latents": index["latents"], "text": index["text"], "parameters": n_params,
+            "shards": str(shards_dir), "shards_index_sha256": index_hash}
+    final = save_final(acc, run_dir, model, ema, info)
+    tracker.finish(final if acc.is_main_process else None)
+    last = list(read_jsonl(metrics_path))[-1] if metrics_path.exists() and metrics_path.stat().st_size else {}
+    return {"steps": step, "trained": step - start_step, "resumed_from": start_step, "loss": last.get("loss"),
+            "images_per_s": last.get("images_per_s"), "parameters": n_params, "arch": model_cfg.arch,
+            "size": model_cfg.size, "objective": cfg.objective, "processes": acc.num_processes,
+            "gflops_per_image": flops_per_image / 3 / 1e9, "seconds": round(time.perf_counter() - t_start, 2),
+            "out": str(run_dir), "mlflow_run_id": tracker.run_id}
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def summary_line(s: dict) -> str:
+    resumed = f", resumed from step {s['resumed_from']}" if s["resumed_from"] else ""
+    loss = f"{s['loss']:.4f}" if s.get("loss") is not None else "n/a"
+    rate = f"{s['images_per_s']:.0f} img/s" if s.get("images_per_s") else "n/a"
+    return (f"train: {s['arch']} {s['size']} ({s['parameters'] / 1e6:.2f}M params, {s['objective']}) "
+            f"{s['trained']} steps to step {s['steps']}{resumed} on {s['processes']} process(es), loss {loss}, "
+            f"{rate}, in {s['seconds']}s -> {s['out']}/final")
