@@ -38,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in ORDER:
         _config_args(sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage]))
     _config_args(sub.add_parser("all", help="run every stage in order (without DVC)"))
+    m = sub.add_parser("models", help="list model presets with parameters and GFLOPs per forward pass",
+                       description="Every arch x size preset with its parameter count and forward GFLOPs "
+                       "(multiply-accumulates per image, the DiT paper's unit). --class-conditional gives the "
+                       "DiT paper's setting: 1000 classes, learned sigma, no text.")
+    m.add_argument("--resolution", type=int, default=256, help="image side in pixels (default 256)")
+    m.add_argument("--downsample", type=int, default=8, help="VAE downsampling factor (default 8)")
+    m.add_argument("--latent-channels", type=int, default=4)
+    m.add_argument("--text-dim", type=int, default=384, help="caption embedding width (default 384, MiniLM)")
+    m.add_argument("--max-length", type=int, default=77, help="caption tokens (default 77)")
+    m.add_argument("--class-conditional", action="store_true", help="the DiT paper's ImageNet setting")
+    m.add_argument("--arch", action="append", choices=["dit", "cross", "mmdit", "unet"], help="only these archs")
+    m.add_argument("--patch", type=int, action="append", choices=[1, 2, 4, 8], help="patch sizes (default 2)")
     p = sub.add_parser("params", help="list every param with its default and meaning, or the resolved values")
     _config_args(p)
     p.add_argument("--resolved", action="store_true", help="print the resolved config as YAML instead")
@@ -57,12 +69,34 @@ def _print_params(args: argparse.Namespace) -> None:
         print(f"{key:28} {str(default):22} {help}")
 
 
+def _print_models(args: argparse.Namespace) -> None:
+    from ditpipe.models import Spec, preset_table
+
+    if args.resolution % args.downsample:
+        raise DitpipeError(f"--resolution {args.resolution} is not a multiple of --downsample {args.downsample}")
+    size = args.resolution // args.downsample
+    if args.class_conditional:
+        spec, archs = Spec(args.latent_channels, size, 0, num_classes=1000, learn_sigma=True), ("dit",)
+    else:
+        spec, archs = Spec(args.latent_channels, size, args.text_dim), tuple(args.arch or ("dit", "cross", "mmdit",
+                                                                                              "unet"))
+    what = "class-conditional, 1000 classes" if args.class_conditional else f"text {args.text_dim}-d"
+    print(f"{args.resolution}px images -> {args.latent_channels}x{size}x{size} latents, {what}")
+    print(f"{'arch':6} {'size':6} {'tokens':>6} {'params':>10} {'GFLOPs':>9}")
+    for r in preset_table(spec, archs, tuple(args.patch or (2,)), args.max_length):
+        tokens = r["tokens"] if r["tokens"] is not None else "-"
+        print(f"{r['arch']:6} {r['size']:6} {tokens:>6} {r['params_m']:9.2f}M {r['gflops']:9.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("DITPIPE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "params":
             _print_params(args)
+            return 0
+        if args.command == "models":
+            _print_models(args)
             return 0
         from ditpipe.config import load_config
         from ditpipe.stages import ORDER, run_stage, summary_line

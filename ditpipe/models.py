@@ -162,6 +162,7 @@ class DiT(ModelMixin, ConfigMixin):
         self.text_embedder = PooledTextEmbedder(text_dim, hidden_size) if text_dim else None
         grid = sample_size // patch_size
         pos = torch.from_numpy(sincos_pos_embed(hidden_size, grid)).float().unsqueeze(0)
+        pos = pos.to(self.x_embedder.weight.device)  # meta when counting parameters without memory
         self.pos_embed = nn.Parameter(pos, requires_grad=False)  # fixed, as in DiT
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
@@ -338,3 +339,27 @@ def forward_flops(model: Denoiser, spec: Spec, max_length: int = 8) -> float:
     with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
         model(x, torch.ones(1) * 500, emb, mask, pooled, y)
     return float(counter.get_total_flops())
+
+
+def preset_table(spec: Spec, archs: tuple[str, ...] = tuple(ARCHS), patches: tuple[int, ...] = (2,),
+                 max_length: int = 77) -> list[dict]:
+    """Parameters and forward GFLOPs (multiply-accumulates, the DiT paper's unit) of every preset.
+
+    Models are built on the meta device: shapes only, so even XL costs no memory or time.
+    """
+    from ditpipe.presets import PRESETS
+
+    rows = []
+    for arch in archs:
+        for name in PRESETS:
+            for patch in (patches if arch != "unet" else (2,)):
+                if arch != "unet" and spec.latent_size % patch:
+                    continue
+                size = f"{name}/{patch}"
+                with torch.device("meta"):
+                    model = build_model(arch, size, spec)
+                    flops = forward_flops(model, spec, max_length)
+                tokens = (spec.latent_size // patch) ** 2 if arch != "unet" else None
+                rows.append({"arch": arch, "size": size if arch != "unet" else name, "tokens": tokens,
+                             "params_m": count_parameters(model) / 1e6, "gflops": flops / 2e9})
+    return rows

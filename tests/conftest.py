@@ -69,3 +69,22 @@ def run_cli(*args: str, cwd: Path | str | None = None, check: bool = True, timeo
     if check and proc.returncode != 0:
         raise AssertionError(f"ditpipe {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, tiny_text_encoder) -> Path:
+    """60 shapes at 16px through every data stage: 4x8x8 latents (with flips), 32-d captions, 7 per shard."""
+    from ditpipe.config import DataConfig, LatentsConfig, ShardsConfig, TextConfig, VaeConfig
+    from ditpipe.latents import run as latents
+    from ditpipe.prepare import run as prepare
+    from ditpipe.shards import run as shards
+    from ditpipe.text import run as text
+    from ditpipe.vae import run as vae
+
+    p = tmp_path_factory.mktemp("pipeline")
+    prepare(DataConfig(count=60, resolution=16, val_fraction=0.2), p / "prepared")
+    vae(VaeConfig(block_out_channels=(8, 16), steps=2, batch_size=8), p / "prepared", p / "vae")
+    latents(LatentsConfig(flip=True), p / "prepared", p / "vae", p / "latents")
+    text(TextConfig(encoder=str(tiny_text_encoder), max_length=8), p / "prepared", p / "text")
+    shards(ShardsConfig(max_samples=7), p / "prepared", p / "latents", p / "text", p / "shards")
+    return p

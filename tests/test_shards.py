@@ -8,15 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ditpipe.config import DataConfig, LatentsConfig, ShardsConfig, TextConfig, VaeConfig
+from ditpipe.config import ShardsConfig
 from ditpipe.errors import DitpipeError
 from ditpipe.io import read_json, sha256_file
-from ditpipe.latents import run as latents
 from ditpipe.loader import ShardStream, decode, make_loader, read_tar
-from ditpipe.prepare import run as prepare
 from ditpipe.shards import AtomicShardWriter, pack, run, write_order
-from ditpipe.text import run as text
-from ditpipe.vae import run as vae
 
 
 def fake_rows(n, val_every=5):
@@ -67,15 +63,9 @@ def test_val_order_is_sorted_train_is_shuffled():
     assert train != sorted(train) and train == [r["key"] for r in write_order(rows, "train", 0)]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_text_encoder):
-    p = tmp_path_factory.mktemp("pipeline")
-    prepare(DataConfig(count=60, resolution=16, val_fraction=0.2), p / "prepared")
-    vae(VaeConfig(block_out_channels=(8, 16), steps=2, batch_size=8), p / "prepared", p / "vae")
-    latents(LatentsConfig(flip=True), p / "prepared", p / "vae", p / "latents")
-    text(TextConfig(encoder=str(tiny_text_encoder), max_length=8), p / "prepared", p / "text")
-    run(ShardsConfig(max_samples=7), p / "prepared", p / "latents", p / "text", p / "shards")
-    return p
+@pytest.fixture
+def built(tiny_shards):
+    return tiny_shards
 
 
 def test_run_writes_index_matching_prepared(built):

@@ -1,0 +1,141 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from ditpipe.config import ModelConfig, TrackingConfig, TrainConfig, load_config, to_dict
+from ditpipe.io import read_jsonl
+from ditpipe.loader import empty_caption, make_loader
+from ditpipe.train import checkpoints, make_batch, run
+from tests.conftest import REPO
+
+NO_TRACKING = TrackingConfig(enabled=False)
+
+
+def train(tiny_shards, out, arch="cross", objective="rectified_flow", **train_kw):
+    model_cfg = ModelConfig(arch=arch, size="T/2")
+    cfg = TrainConfig(objective=objective, batch_size=8, log_every=1, warmup_steps=2, **train_kw)
+    resolved = to_dict(load_config(None, [f"model.arch={arch}", "model.size=T/2"]))
+    resolved["train"] = to_dict(cfg)
+    return run(model_cfg, cfg, NO_TRACKING, tiny_shards / "shards", out, resolved)
+
+
+def test_make_batch_resamples_scales_and_drops_captions(tiny_shards):
+    raw = next(iter(make_loader(tiny_shards / "shards", "train", 32)))
+    empty = empty_caption(tiny_shards / "shards")
+    cfg = TrainConfig(caption_dropout=0.5, flip_prob=0.0)
+    a = make_batch(raw, empty, cfg, torch.Generator().manual_seed(1), 2.0, 0.0, torch.device("cpu"))
+    b = make_batch(raw, empty, cfg, torch.Generator().manual_seed(1), 2.0, 0.0, torch.device("cpu"))
+    torch.testing.assert_close(a.x0, b.x0)  # all randomness comes from the generator
+    dropped = (a.pooled == empty["pooled"]).all(1)
+    assert 0 < dropped.sum() < 32
+    assert (a.mask[dropped] == empty["mask"].long()).all()
+    spread = (a.x0 / 2 - raw["mean"]).abs().max()
+    assert 0 < spread < 10 * torch.exp(0.5 * raw["logvar"]).max()  # sampled near the mean, then scaled
+    flipped = make_batch(raw, empty, TrainConfig(caption_dropout=0.0, flip_prob=1.0),
+                         torch.Generator().manual_seed(1), 1.0, 0.0, torch.device("cpu"))
+    assert (flipped.x0 - raw["mean_flip"]).abs().mean() < (flipped.x0 - raw["mean"]).abs().mean()
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "rectified_flow"])
+@pytest.mark.parametrize("arch", ["dit", "cross", "mmdit", "unet"])
+def test_every_arch_and_objective_trains(tiny_shards, tmp_path, arch, objective):
+    s = train(tiny_shards, tmp_path / "run", arch, objective, steps=3, checkpoint_every=2)
+    rows = list(read_jsonl(tmp_path / "run" / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in rows)  # finite, positive
+    assert s["steps"] == 3 and s["arch"] == arch
+    assert [c.name for c in checkpoints(tmp_path / "run")] == ["checkpoint-000002", "checkpoint-000003"]
+    info = json.loads((tmp_path / "run" / "final" / "ditpipe.json").read_text())
+    assert info["arch"] == arch and info["objective"] == objective
+    assert (tmp_path / "run" / "final" / "config.json").exists()
+
+
+def test_checkpoints_keep_last_n_and_more_steps_resume(tiny_shards, tmp_path):
+    train(tiny_shards, tmp_path / "run", steps=6, checkpoint_every=1, keep_checkpoints=2)
+    assert [c.name for c in checkpoints(tmp_path / "run")] == ["checkpoint-000005", "checkpoint-000006"]
+    ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-000006"
+    meta = json.loads((ckpt / "trainer.json").read_text())
+    assert meta["step"] == 6 and meta["samples_per_rank"] == 48 and meta["config"]["model"]["size"] == "T/2"
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "state.pt", "trainer.json", "rng-rank0.pt"}
+    s = train(tiny_shards, tmp_path / "run", steps=9, checkpoint_every=1, keep_checkpoints=2)
+    assert s["resumed_from"] == 6 and s["trained"] == 3
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == list(range(1, 10))
+    again = train(tiny_shards, tmp_path / "run", steps=9, checkpoint_every=1, keep_checkpoints=2)
+    assert again["trained"] == 0  # nothing left to do
+
+
+def test_a_different_model_starts_over(tiny_shards, tmp_path):
+    train(tiny_shards, tmp_path / "run", steps=2)
+    s = train(tiny_shards, tmp_path / "run", arch="dit", steps=2)
+    assert s["resumed_from"] == 0 and s["trained"] == 2
+
+
+def _params(tmp_path, tiny_shards, steps):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "paths": {"shards": str(tiny_shards / "shards"), "train": str(tmp_path / "run")},
+        "model": {"arch": "dit", "size": "T/2"},
+        "train": {"steps": steps, "batch_size": 4, "log_every": 1, "checkpoint_every": 10, "warmup_steps": 5,
+                  "shuffle_buffer": 16},
+        "tracking": {"enabled": False},
+    }))
+    return params
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_gives_the_same_losses(tiny_shards, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    steps = 150
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for d in (straight, killed):
+        d.mkdir()
+    cmd = [sys.executable, "-m", "ditpipe", "train", "--params"]
+    subprocess.run(cmd + [str(_params(straight, tiny_shards, steps))], env=env, check=True, capture_output=True)
+    params = _params(killed, tiny_shards, steps)
+    proc = subprocess.Popen(cmd + [str(params)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 35:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged = len(metrics.read_text().splitlines())
+    assert 35 <= logged < steps, f"the kill landed at step {logged} of {steps}"
+    out = subprocess.run(cmd + [str(params)], env=env, check=True, capture_output=True, text=True).stdout
+    assert "resumed from step" in out
+    a = [(r["step"], r["loss"]) for r in read_jsonl(straight / "run" / "metrics.jsonl")]
+    b = [(r["step"], r["loss"]) for r in read_jsonl(metrics)]
+    assert len(a) == steps and a == b  # bit-for-bit the same per-step losses
+
+
+@pytest.mark.slow
+def test_mlflow_run_tells_what_was_trained_on_what(tiny_shards, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    model_cfg, cfg = ModelConfig(arch="dit", size="T/2"), TrainConfig(steps=4, batch_size=4, log_every=2)
+    resolved = to_dict(load_config(None, ["model.arch=dit", "model.size=T/2", "train.steps=4"]))
+    s = run(model_cfg, cfg, TrackingConfig(uri=uri, experiment="t"), tiny_shards / "shards", tmp_path / "run",
+            resolved)
+    client = MlflowClient(tracking_uri=uri)
+    r = client.get_run(s["mlflow_run_id"])
+    assert r.info.status == "FINISHED" and r.info.run_name == "dit-T_2-rectified_flow"
+    assert r.data.params["model.arch"] == "dit" and r.data.params["train.steps"] == "4"
+    assert len(r.data.tags["ditpipe.shards_index_sha256"]) == 64
+    history = client.get_metric_history(r.info.run_id, "loss")
+    assert [m.step for m in history] == [2, 4]
+    for key in ("lr", "grad_norm", "images_per_s", "memory_mb"):
+        assert key in r.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "model")}
+    assert "model/config.json" in artifacts and "model/ditpipe.json" in artifacts
+    assert (tmp_path / "mlruns").exists()  # artifacts at an absolute location, not wherever cwd was
