@@ -102,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         from ditpipe.stages import ORDER, run_stage, summary_line
 
         cfg = load_config(args.params, args.overrides)  # every key checked before any work
+        main_process = int(os.environ.get("RANK", "0")) == 0  # one summary line, not one per rank
         for stage in ORDER if args.command == "all" else (args.command,):
-            print(summary_line(stage, run_stage(stage, cfg)), flush=True)
+            summary = run_stage(stage, cfg)
+            if main_process:
+                print(summary_line(stage, summary), flush=True)
     except DitpipeError as exc:
         print(f"ditpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2

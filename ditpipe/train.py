@@ -104,7 +104,9 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
-    return Accelerator(mixed_precision=precision)
+    # Without a GPU, cpu=True is what lets accelerate run several processes over gloo (MULTI_CPU).
+    no_gpu = not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    return Accelerator(mixed_precision=precision, cpu=no_gpu)
 
 
 def run_fingerprint(resolved: dict, index_hash: str) -> str:

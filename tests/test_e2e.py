@@ -1,5 +1,6 @@
 """End to end, as a user runs it: `dvc repro` and `dvc exp run -S` in a fresh copy of the repo."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,7 +16,8 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 FAST = {"vae": {"block_out_channels": [8, 16, 16], "steps": 20, "batch_size": 16}, "text": {"max_length": 16},
-        "shards": {"max_samples": 16}}
+        "shards": {"max_samples": 16}, "model": {"size": "T/2"},
+        "train": {"steps": 6, "batch_size": 8, "checkpoint_every": 3, "log_every": 2}}
 
 
 def sh(cmd: list[str], cwd: Path, timeout: float = 900) -> str:
@@ -60,11 +62,17 @@ def check_shards(repo: Path, accepted: int) -> dict:
 
 def test_dvc_repro_shapes_then_exp_run_on_twemoji(repo, twemoji_subset):
     out = sh(["dvc", "repro"], repo)
-    for stage in ("prepare", "vae", "latents", "text", "shards"):
+    for stage in ("prepare", "vae", "latents", "text", "shards", "train"):
         assert f"Running stage '{stage}'" in out
     index = check_shards(repo, 48)
     assert index["data"]["source"] == "builtin:shapes"
     assert "up to date" in sh(["dvc", "repro"], repo)  # nothing changed: nothing runs
+    check_mlflow_run(repo, index_sha=hashlib.sha256((repo / "artifacts/shards/index.json").read_bytes()).hexdigest())
+
+    # more steps: the persisted run resumes from its last checkpoint instead of starting over
+    out = sh(["dvc", "exp", "run", "-S", "train.steps=8"], repo)
+    assert "Running stage 'train'" in out and "resumed from step 6" in out
+    assert "Running stage 'prepare'" not in out
 
     # real RGBA images from an imagefolder, by override, as a DVC experiment
     out = sh(["dvc", "exp", "run", "-S", f"data.source={twemoji_subset}", "-S", "data.val_fraction=0.2"], repo)
@@ -74,3 +82,19 @@ def test_dvc_repro_shapes_then_exp_run_on_twemoji(repo, twemoji_subset):
     # the latents cache was persisted and pruned to the new dataset; the VAE changed, so all re-encoded
     latents = json.loads((repo / "artifacts/latents/index.json").read_text())
     assert len(latents["samples"]) == 40
+
+
+def check_mlflow_run(repo: Path, index_sha: str) -> None:
+    """The run's page alone tells what was trained on what."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ditpipe")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.size"] == "T/2" and run.data.params["data.source"] == "builtin:shapes"
+    assert run.data.tags["ditpipe.shards_index_sha256"] == index_sha
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40
+    for stage in ("prepare", "vae", "latents", "text", "shards"):
+        assert run.data.tags[f"dvc.{stage}.md5"].endswith(".dir")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]

@@ -139,3 +139,36 @@ def test_mlflow_run_tells_what_was_trained_on_what(tiny_shards, tmp_path, monkey
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "model")}
     assert "model/config.json" in artifacts and "model/ditpipe.json" in artifacts
     assert (tmp_path / "mlruns").exists()  # artifacts at an absolute location, not wherever cwd was
+
+
+@pytest.mark.slow
+def test_two_processes_with_accelerate_launch(tiny_shards, tmp_path):
+    """DDP over gloo on CPU: both ranks train on disjoint samples; checkpoints are written once."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "paths": {"shards": str(tiny_shards / "shards"), "train": str(tmp_path / "run")},
+        "model": {"arch": "cross", "size": "T/2"},
+        "train": {"steps": 5, "batch_size": 4, "log_every": 1, "checkpoint_every": 5, "record_keys": True},
+        "tracking": {"enabled": False},
+    }))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    from tests.flows.test_pipeline import free_port
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip",
+         "127.0.0.1", "--main_process_port", str(free_port()), "-m", "ditpipe", "train", "--params", str(params)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("on 2 process(es)") == 1  # one summary line, from rank 0
+    run_dir = tmp_path / "run"
+    keys = {r: [k for row in read_jsonl(run_dir / f"keys-rank{r}.jsonl") for k in row["keys"]] for r in (0, 1)}
+    assert len(keys[0]) == len(keys[1]) == 20  # both ranks trained every step
+    assert not set(keys[0]) & set(keys[1])  # within the epoch no sample is seen by both ranks
+    assert len(set(keys[0])) == 20 and len(set(keys[1])) == 20
+    assert [c.name for c in checkpoints(run_dir)] == ["checkpoint-000005"]
+    ckpt = run_dir / "checkpoints" / "checkpoint-000005"
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "state.pt", "trainer.json", "rng-rank0.pt",
+                                                "rng-rank1.pt"}
+    assert json.loads((ckpt / "trainer.json").read_text())["world_size"] == 2
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5]  # logged once

@@ -1,4 +1,5 @@
-"""The Prefect path, for real: a Prefect server, the served deployment, `prefect deployment run`."""
+"""The Prefect path, for real: a Prefect server, the served deployment, `prefect deployment run`, and
+an MLflow tracking server receiving the training run."""
 
 import os
 import socket
@@ -42,16 +43,25 @@ def prefect_env(tmp_path):
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_UI_ENABLED": "false", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    mlflow_port = free_port()
+    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    mlflow = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+                               str(mlflow_port), "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                               "--artifacts-destination", str(tmp_path / "mlartifacts"), "--workers", "1"],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).status == 200,
                  120, "prefect server", server)
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=2).status == 200,
+                 120, "mlflow server", mlflow)
         yield env
     finally:
-        server.terminate()
-        server.wait(30)
+        for proc in (server, mlflow):
+            proc.terminate()
+            proc.wait(30)
         log.close()
 
 
@@ -67,11 +77,18 @@ def test_deployment_run_through_server_and_served_flow(repo, prefect_env):  # no
         wait_for(deployed, 120, "the served deployment", serve)
         proc = subprocess.run(
             [sys.executable, "-m", "prefect", "deployment", "run", "dit-pipeline/default", "--watch",
-             "--watch-timeout", "600", "--param", 'overrides=["data.count=32"]'],
+             "--watch-timeout", "600", "--param",
+             'overrides=["data.count=32", "train.steps=4", "train.batch_size=8", "tracking.experiment=prefect"]'],
             env=prefect_env, capture_output=True, text=True, timeout=700)
         assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{(repo / 'serve.log').read_text()}"
         assert "Completed" in proc.stdout
         check_shards(repo, 32)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=prefect_env["MLFLOW_TRACKING_URI"])
+        (run,) = client.search_runs([client.get_experiment_by_name("prefect").experiment_id])
+        assert run.info.status == "FINISHED" and run.data.params["train.steps"] == "4"
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/config.json"}
     finally:
         serve.terminate()
         serve.wait(30)
