@@ -103,6 +103,6 @@ def test_bad_override_fails_the_flow_run_before_any_stage(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="unknown key data.nope"):
         dit_pipeline.fn(params=str(REPO / "params.yaml"), overrides=["data.nope=1"])
-    with pytest.raises(DitpipeError, match="unknown stage 'train'"):
-        dit_pipeline.fn(params=str(REPO / "params.yaml"), stages=["train"])
+    with pytest.raises(DitpipeError, match="unknown stage 'deploy'"):
+        dit_pipeline.fn(params=str(REPO / "params.yaml"), stages=["deploy"])
     assert not (tmp_path / "artifacts").exists()
