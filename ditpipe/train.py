@@ -10,7 +10,6 @@ different model, objective or data starts over.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import shutil
@@ -31,8 +30,6 @@ from ditpipe.io import TMP_PREFIX, cache_key, read_json, read_jsonl, sha256_file
 from ditpipe.loader import empty_caption, load_index, make_loader
 from ditpipe.models import Denoiser, Spec, build_model, count_parameters, forward_flops
 from ditpipe.objectives import build_objective
-
-log = logging.getLogger(__name__)
 
 # Dense bf16 peak TFLOP/s of common GPUs, for model FLOPs utilisation (MFU).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
@@ -182,7 +179,7 @@ def load_checkpoint(path: Path, acc: Accelerator, model, ema: EMAModel, opt, sch
     ema.load_state_dict(state["ema"])
     rng = path / f"rng-rank{acc.process_index}.pt"
     if rng.exists():
-        set_rng_state(torch.load(rng, map_location="cpu", weights_only=False), gen)
+        set_rng_state(torch.load(rng, map_location="cpu", weights_only=True), gen)
     return read_json(path / "trainer.json")
 
 
@@ -211,22 +208,65 @@ def truncate_metrics(path: Path, step: int) -> None:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+# ---------------------------------------------------------------- logging
+
+
+class StepLog:
+    """Per-window metrics: one row every ``log_every`` steps to metrics.jsonl and MLflow (main process only).
+
+    The loss is summed on the device and read once per window, so logging does not sync every step.
+    """
+
+    def __init__(self, acc: Accelerator, cfg: TrainConfig, run_dir: Path, tracker, flops_per_image: float,
+                 step: int):
+        self.acc, self.cfg, self.tracker = acc, cfg, tracker
+        self.metrics = run_dir / "metrics.jsonl"
+        self.keys = run_dir / f"keys-rank{acc.process_index}.jsonl"
+        self.flops_per_image, self.peak = flops_per_image, peak_flops(cfg, acc.device)
+        if acc.is_main_process:
+            truncate_metrics(self.metrics, step)
+        if cfg.record_keys:
+            truncate_metrics(self.keys, step)
+        acc.wait_for_everyone()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum, self.steps, self.start = torch.zeros((), device=self.acc.device), 0, time.perf_counter()
+
+    def record(self, step: int, loss: torch.Tensor, keys: list[str]) -> None:
+        self.loss_sum += loss.detach().float()
+        self.steps += 1
+        if self.cfg.record_keys:
+            with open(self.keys, "a") as f:
+                f.write(json.dumps({"step": step, "keys": keys}) + "\n")
+
+    def flush(self, step: int, lr: float, grad_norm, ema_decay: float) -> dict:
+        acc, n = self.acc, self.acc.num_processes
+        images_s = self.steps * self.cfg.batch_size * n / (time.perf_counter() - self.start)
+        row = {"step": step, "loss": acc.reduce(self.loss_sum / self.steps, "mean").item(), "lr": lr,
+               "images_per_s": images_s, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "ema_decay": ema_decay, "memory_mb": memory_mb(acc.device)}
+        if self.peak:
+            row["mfu"] = images_s * self.flops_per_image / (self.peak * n)
+        if acc.is_main_process:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.tracker.log_metrics(row, step)
+        self._reset()
+        return row
+
+    def last(self) -> dict:
+        rows = list(read_jsonl(self.metrics)) if self.metrics.exists() else []
+        return rows[-1] if rows else {}
+
+
 # ---------------------------------------------------------------- the loop
 
 
-def run(model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_dir: str | Path,
-        out_dir: str | Path, resolved: dict) -> dict:
-    """Train (or resume) into ``out_dir``; return a summary."""
-    t_start = time.perf_counter()
-    shards_dir, run_dir = Path(shards_dir), Path(out_dir)
-    index = load_index(shards_dir)
-    index_hash = sha256_file(shards_dir / "index.json")
-    acc = build_accelerator(cfg)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    fingerprint = run_fingerprint(resolved, index_hash)
-
-    latest = checkpoints(run_dir)[-1] if checkpoints(run_dir) else None
+def resume_point(acc: Accelerator, run_dir: Path, fingerprint: str) -> Path | None:
+    """The newest checkpoint of this run, or None; a run of another model, objective or data is cleared."""
+    found = checkpoints(run_dir)
+    latest = found[-1] if found else None
     if latest is not None and read_json(latest / "trainer.json").get("fingerprint") != fingerprint:
         if acc.is_main_process:
             print(f"train: {run_dir} holds a run with another model, objective or data; starting over", flush=True)
@@ -234,6 +274,31 @@ def run(model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_
         acc.wait_for_everyone()
         latest = None
     run_dir.mkdir(parents=True, exist_ok=True)
+    return latest
+
+
+def optimizer_step(acc: Accelerator, model, opt, sched, ema: EMAModel, loss: torch.Tensor, cfg: TrainConfig):
+    """Backward, clip, step, schedule, EMA; returns the pre-clip gradient norm (or None)."""
+    acc.backward(loss)
+    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    ema.step(acc.unwrap_model(model).parameters())
+    return grad_norm
+
+
+def run(model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_dir: str | Path,
+        out_dir: str | Path, resolved: dict) -> dict:
+    """Train (or resume) into ``out_dir``; return a summary."""
+    t_start = time.perf_counter()
+    shards_dir, run_dir = Path(shards_dir), Path(out_dir)
+    index, index_hash = load_index(shards_dir), sha256_file(shards_dir / "index.json")
+    acc = build_accelerator(cfg)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    fingerprint = run_fingerprint(resolved, index_hash)
+    latest = resume_point(acc, run_dir, fingerprint)
 
     torch.manual_seed(cfg.seed)  # same init on every rank
     spec = model_spec(index)
@@ -257,67 +322,34 @@ def run(model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_
     if cfg.compile:
         model = torch.compile(model)
 
-    objective = build_objective(cfg.objective)
-    empty = empty_caption(shards_dir)
-    scale = float(index["latents"]["scaling_factor"])
-    shift = float(index["latents"].get("shift_factor") or 0.0)
-    metrics_path = run_dir / "metrics.jsonl"
-    keys_path = run_dir / f"keys-rank{acc.process_index}.jsonl"
-    if acc.is_main_process:
-        truncate_metrics(metrics_path, step)
-    if cfg.record_keys:
-        truncate_metrics(keys_path, step)
-    acc.wait_for_everyone()
-
     tracker = tracking.start(track, run_dir, resolved, index_hash, meta.get("mlflow_run_id"), acc.is_main_process,
                              default_name=f"{model_cfg.arch}-{model_cfg.size.replace('/', '_')}-{cfg.objective}")
     meta = {"fingerprint": fingerprint, "world_size": acc.num_processes, "num_workers": cfg.num_workers,
-            "config": resolved, "shards_index_sha256": index_hash, "mlflow_run_id": tracker.run_id,
-            "samples_per_rank": 0}
-    peak = peak_flops(cfg, acc.device)
-    loader = make_loader(shards_dir, "train", cfg.batch_size, num_workers=cfg.num_workers,
-                         shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=acc.process_index,
-                         world_size=acc.num_processes, infinite=True, skip_batches=step)
+            "config": resolved, "shards_index_sha256": index_hash, "mlflow_run_id": tracker.run_id}
+    steplog = StepLog(acc, cfg, run_dir, tracker, flops_per_image, step)
+    objective, empty = build_objective(cfg.objective), empty_caption(shards_dir)
+    scale = float(index["latents"]["scaling_factor"])
+    shift = float(index["latents"].get("shift_factor") or 0.0)
+    data = iter(make_loader(shards_dir, "train", cfg.batch_size, num_workers=cfg.num_workers,
+                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=acc.process_index,
+                            world_size=acc.num_processes, infinite=True, skip_batches=step))
     start_step = step
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=None if acc.is_main_process else True)
-    window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
     model.train()
-    data = iter(loader)
     while step < cfg.steps:
         raw = next(data)
         batch = make_batch(raw, empty, cfg, gen, scale, shift, acc.device)
         with acc.autocast():
             loss = diffusion_loss(model, objective, batch, gen)
-        acc.backward(loss)
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema.step(acc.unwrap_model(model).parameters())
+        grad_norm = optimizer_step(acc, model, opt, sched, ema, loss, cfg)
         step += 1
-        window_loss += loss.detach().float().item()
-        window_steps += 1
-        if cfg.record_keys:
-            with open(keys_path, "a") as f:
-                f.write(json.dumps({"step": step, "keys": raw["key"]}) + "\n")
+        steplog.record(step, loss, raw["key"])
         bar.update()
         if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.perf_counter() - window_start
-            mean_loss = acc.reduce(torch.tensor(window_loss / window_steps, device=acc.device), "mean").item()
-            images_s = window_steps * cfg.batch_size * acc.num_processes / elapsed
-            row = {"step": step, "loss": mean_loss, "lr": sched.get_last_lr()[0], "images_per_s": images_s,
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                   "ema_decay": ema.get_decay(ema.optimization_step), "memory_mb": memory_mb(acc.device)}
-            if peak:
-                row["mfu"] = images_s * flops_per_image / (peak * acc.num_processes)
-            if acc.is_main_process:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                tracker.log_metrics(row, step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
-            window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+            row = steplog.flush(step, sched.get_last_lr()[0], grad_norm, ema.get_decay(ema.optimization_step))
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            meta["samples_per_rank"] = step * cfg.batch_size
+            meta["samples_per_rank"] = step * cfg.batch_size  # the data position a resume skips to
             save_checkpoint(acc, run_dir, step, model, ema, opt, sched, gen, meta, cfg.keep_checkpoints)
     bar.close()
     info = {"arch": model_cfg.arch, "size": model_cfg.size, "objective": cfg.objective, "step": step,
@@ -325,7 +357,7 @@ def run(model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_
             "shards": str(shards_dir), "shards_index_sha256": index_hash}
     final = save_final(acc, run_dir, model, ema, info)
     tracker.finish(final if acc.is_main_process else None)
-    last = list(read_jsonl(metrics_path))[-1] if metrics_path.exists() and metrics_path.stat().st_size else {}
+    last = steplog.last()
     return {"steps": step, "trained": step - start_step, "resumed_from": start_step, "loss": last.get("loss"),
             "images_per_s": last.get("images_per_s"), "parameters": n_params, "arch": model_cfg.arch,
             "size": model_cfg.size, "objective": cfg.objective, "processes": acc.num_processes,
