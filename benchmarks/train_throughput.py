@@ -62,7 +62,7 @@ def optimiser_step(model, opt, loss) -> None:
     opt.step()
 
 
-def bench(cfg, arch: str, size: str, batch_size: int, steps: int) -> None:
+def bench(cfg, arch: str, size: str, batch_size: int, steps: int, workers: int = 0) -> None:
     index = load_index(cfg.paths.shards)
     spec = model_spec(index)
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def bench(cfg, arch: str, size: str, batch_size: int, steps: int) -> None:
     scale = index["latents"]["scaling_factor"]
     cpu = torch.device("cpu")
 
-    data = iter(make_loader(cfg.paths.shards, "train", batch_size, infinite=True))
+    data = iter(make_loader(cfg.paths.shards, "train", batch_size, infinite=True, num_workers=workers))
 
     def shards_step() -> None:
         batch = make_batch(next(data), empty, tcfg, gen, scale, 0.0, cpu)
@@ -108,7 +108,7 @@ def bench(cfg, arch: str, size: str, batch_size: int, steps: int) -> None:
 
     c, h, _ = spec.latent_channels, spec.latent_size, None
     print(f"\n== {arch} {size} on {c}x{h}x{h} latents ({index['latents']['resolution']}px images), "
-          f"batch {batch_size}, {steps} timed steps, {torch.get_num_threads()} threads")
+          f"batch {batch_size}, {steps} timed steps, {torch.get_num_threads()} threads, {workers} loader workers")
     results = {}
     for name, fn in (("bare", bare_step), ("shards", shards_step), ("usual", usual_step)):
         results[name] = timed_steps(fn, steps)
@@ -121,20 +121,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=("small", "sd256"))
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the shards path")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} cores")
     if args.only in (None, "small"):
         with tempfile.TemporaryDirectory() as d:
             defaults = load_config(None)
             cfg = build_data(Path(d), 512, defaults.data.resolution)
-            bench(cfg, defaults.model.arch, defaults.model.size, defaults.train.batch_size, args.steps)
+            bench(cfg, defaults.model.arch, defaults.model.size, defaults.train.batch_size, args.steps, args.workers)
     if args.only in (None, "sd256"):
         with tempfile.TemporaryDirectory() as d:
             sd_vae = Path(d) / "sd-vae"
             vae_cfg = load_config(None, [f"vae.{k}={v}" for k, v in SD_VAE.items()]).vae
             build_vae(vae_cfg, 256).save_pretrained(sd_vae)  # random weights: the cost, not the quality
             cfg = build_data(Path(d), 48, 256, str(sd_vae))
-            bench(cfg, "cross", "XS/2", 8, max(3, args.steps // 5))
+            bench(cfg, "cross", "XS/2", 8, max(3, args.steps // 5), args.workers)
 
 
 if __name__ == "__main__":

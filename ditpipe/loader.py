@@ -9,6 +9,7 @@ validation it makes one pass in a fixed order. Within an epoch every sample goes
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -29,12 +30,36 @@ from ditpipe.errors import DitpipeError
 ARRAYS = ("mean", "logvar", "mean_flip", "logvar_flip", "emb", "mask", "pooled")
 
 
+@functools.lru_cache(maxsize=256)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, fortran order, data offset) of an .npy header; headers repeat, parse each once."""
+    f = io.BytesIO(header)
+    major, _ = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)  # a literal_eval: slow, hence the cache
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    return dtype, shape, fortran, f.tell()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """``np.load(..., allow_pickle=False)`` for one in-memory .npy, without re-parsing repeated headers."""
+    if data[:6] != b"\x93NUMPY":
+        raise ValueError("not an .npy member")
+    major = data[6]
+    size_bytes = 2 if major == 1 else 4
+    hlen = int.from_bytes(data[8 : 8 + size_bytes], "little")
+    dtype, shape, fortran, offset = _npy_header(bytes(data[: 8 + size_bytes + hlen]))
+    arr = np.frombuffer(data, dtype=dtype, offset=offset, count=int(np.prod(shape)))
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
 def decode(sample: dict) -> dict:
     """Raw tar members to arrays and metadata; never unpickles."""
     out: dict = {"__key__": sample["__key__"]}
     for name, data in sample.items():
         if name.endswith(".npy"):
-            out[name[:-4]] = np.load(io.BytesIO(data), allow_pickle=False)
+            out[name[:-4]] = load_npy(data)
         elif name == "json":
             out["info"] = json.loads(data)
     return out

@@ -140,3 +140,17 @@ def test_shards_are_byte_identical_across_runs(built, tmp_path):
     first = read_json(built / "shards" / "index.json")["splits"]
     second = read_json(tmp_path / "s" / "index.json")["splits"]
     assert first == second  # same names, counts, bytes and sha256: DVC sees no change
+
+
+@pytest.mark.parametrize("arr", [np.arange(12, dtype=np.float16).reshape(3, 4), np.asfortranarray(np.ones((3, 5))),
+                                 np.zeros((0, 3), dtype=np.float32), np.array(3.5), np.eye(2, dtype=np.uint8)])
+def test_load_npy_matches_numpy(arr):
+    from ditpipe.loader import load_npy
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    out = load_npy(buf.getvalue())
+    assert out.dtype == arr.dtype and out.shape == arr.shape and np.array_equal(out, arr)
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, arr, version=(2, 0))
+    assert np.array_equal(load_npy(buf.getvalue()), arr)
