@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -71,15 +71,6 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
         for line in f:
             if line.strip():
                 yield json.loads(line)
-
-
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
-    n = 0
-    with atomic_open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-            n += 1
-    return n
 
 
 def remove_stale_temps(folder: str | Path) -> int:
