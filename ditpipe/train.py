@@ -128,6 +128,11 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
 # ---------------------------------------------------------------- checkpoints
 
 
+def plain_model(acc: Accelerator, model) -> Denoiser:
+    """The Denoiser without DDP or torch.compile wrappers: checkpoint keys stay the same either way."""
+    return acc.unwrap_model(model, keep_torch_compile=False)
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     return sorted(root.glob("checkpoint-*")) if root.exists() else []
@@ -160,7 +165,7 @@ def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, model, ema: EMAM
     torch.save(rng_state(gen), tmp / f"rng-rank{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
-        inner = acc.unwrap_model(model)
+        inner = plain_model(acc, model)
         save_file({k: v.contiguous() for k, v in inner.state_dict().items()}, str(tmp / "model.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ema": ema.state_dict()},
                    tmp / "state.pt")
@@ -187,7 +192,7 @@ def save_final(acc: Accelerator, run_dir: Path, model, ema: EMAModel, info: dict
     """The EMA weights as a diffusers model folder, plus what evaluation needs to use it."""
     final = run_dir / "final"
     if acc.is_main_process:
-        inner = acc.unwrap_model(model)
+        inner = plain_model(acc, model)
         ema.store(inner.parameters())
         ema.copy_to(inner.parameters())
         tmp = final.with_name(f"{TMP_PREFIX}final")
@@ -284,7 +289,7 @@ def optimizer_step(acc: Accelerator, model, opt, sched, ema: EMAModel, loss: tor
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    ema.step(acc.unwrap_model(model).parameters())
+    ema.step(plain_model(acc, model).parameters())
     return grad_norm
 
 

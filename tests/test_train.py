@@ -172,3 +172,15 @@ def test_two_processes_with_accelerate_launch(tiny_shards, tmp_path):
                                                 "rng-rank1.pt"}
     assert json.loads((ckpt / "trainer.json").read_text())["world_size"] == 2
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5]  # logged once
+
+
+@pytest.mark.slow
+def test_compiled_checkpointed_run_resumes_uncompiled(tiny_shards, tmp_path):
+    """torch.compile and gradient checkpointing change how steps run, not what a checkpoint holds."""
+    from safetensors.torch import load_file
+
+    train(tiny_shards, tmp_path / "run", arch="dit", steps=2, compile=True, gradient_checkpointing=True)
+    keys = load_file(str(checkpoints(tmp_path / "run")[-1] / "model.safetensors")).keys()
+    assert all(k.startswith("inner.") for k in keys)
+    s = train(tiny_shards, tmp_path / "run", arch="dit", steps=3)
+    assert s["resumed_from"] == 2 and s["trained"] == 1
