@@ -18,16 +18,7 @@ import time
 import torch
 
 from ditpipe.models import Spec, build_model, count_parameters, forward_flops
-from ditpipe.train import PEAK_TFLOPS
-
-
-def peak(device: torch.device, given: float) -> float:
-    if given:
-        return given * 1e12
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
-    return 0.0
+from ditpipe.train import peak_flops
 
 
 def bench(size: str, args, device: torch.device) -> None:
@@ -62,7 +53,7 @@ def bench(size: str, args, device: torch.device) -> None:
     sync()
     seconds = (time.perf_counter() - start) / args.steps
     images_s = n / seconds
-    p = peak(device, args.peak_tflops)
+    p = peak_flops(device, args.peak_tflops)
     mfu = f"{images_s * flops / p * 100:5.1f}%" if p else "  n/a"
     mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:6.1f} GiB" if device.type == "cuda" else ""
     print(f"DiT-{size:5} {count_parameters(model) / 1e6:7.1f}M  batch {n:4d}  {seconds * 1000:8.1f} ms/step  "

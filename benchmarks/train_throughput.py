@@ -106,7 +106,7 @@ def bench(cfg, arch: str, size: str, batch_size: int, steps: int, workers: int =
     def bare_step() -> None:
         optimiser_step(model, opt, diffusion_loss(model, objective, fixed, gen))
 
-    c, h, _ = spec.latent_channels, spec.latent_size, None
+    c, h = spec.latent_channels, spec.latent_size
     print(f"\n== {arch} {size} on {c}x{h}x{h} latents ({index['latents']['resolution']}px images), "
           f"batch {batch_size}, {steps} timed steps, {torch.get_num_threads()} threads, {workers} loader workers")
     results = {}

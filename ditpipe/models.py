@@ -291,7 +291,7 @@ def build_unet(preset: Preset, patch: int, spec: Spec) -> Denoiser:
         block_out_channels=chans, layers_per_block=2 if preset.depth > 2 else 1,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        cross_attention_dim=spec.text_dim, attention_head_dim=max(chans[0] // 32, 1) * 8 if chans[0] >= 64 else 8,
+        cross_attention_dim=spec.text_dim, attention_head_dim=8,  # heads, despite the name
         norm_num_groups=min(32, math.gcd(*chans)),
     )
 

@@ -110,13 +110,14 @@ def run_fingerprint(resolved: dict, index_hash: str) -> str:
     """What must match to resume: model, objective, optimisation and data (not steps or logging)."""
     train = {k: v for k, v in resolved["train"].items()
              if k not in ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "compile",
-                          "peak_tflops", "gradient_checkpointing", "mixed_precision")}
+                          "peak_tflops", "gradient_checkpointing", "mixed_precision", "num_workers")}
     return cache_key(json.dumps(resolved["model"], sort_keys=True), json.dumps(train, sort_keys=True), index_hash)
 
 
-def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
-    if cfg.peak_tflops > 0:
-        return cfg.peak_tflops * 1e12
+def peak_flops(device: torch.device, given_tflops: float = 0.0) -> float:
+    """Peak FLOP/s for MFU: the given figure, else the table for known GPUs, else 0 (unknown)."""
+    if given_tflops > 0:
+        return given_tflops * 1e12
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tflops in PEAK_TFLOPS.items():
@@ -227,7 +228,7 @@ class StepLog:
         self.acc, self.cfg, self.tracker = acc, cfg, tracker
         self.metrics = run_dir / "metrics.jsonl"
         self.keys = run_dir / f"keys-rank{acc.process_index}.jsonl"
-        self.flops_per_image, self.peak = flops_per_image, peak_flops(cfg, acc.device)
+        self.flops_per_image, self.peak = flops_per_image, peak_flops(acc.device, cfg.peak_tflops)
         if acc.is_main_process:
             truncate_metrics(self.metrics, step)
         if cfg.record_keys:
