@@ -25,12 +25,12 @@ import yaml
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from ditpipe.autoencoder import PreparedImages, load_vae  # noqa: E402
 from ditpipe.config import load_config  # noqa: E402
+from ditpipe.encoders import TextEncoder  # noqa: E402
 from ditpipe.latents import encode_batch  # noqa: E402
 from ditpipe.loader import make_loader  # noqa: E402
 from ditpipe.stages import run_stage  # noqa: E402
-from ditpipe.text import TextEncoder  # noqa: E402
-from ditpipe.vae import PreparedImages, load_vae  # noqa: E402
 
 
 def rate(n: int, seconds: float) -> str:

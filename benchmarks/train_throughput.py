@@ -24,14 +24,15 @@ import torch
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from ditpipe.autoencoder import PreparedImages, load_vae  # noqa: E402
 from ditpipe.config import TrainConfig, load_config  # noqa: E402
+from ditpipe.encoders import TextEncoder  # noqa: E402
 from ditpipe.loader import empty_caption, load_index, make_loader  # noqa: E402
 from ditpipe.models import build_model  # noqa: E402
 from ditpipe.objectives import build_objective  # noqa: E402
 from ditpipe.stages import run_stage  # noqa: E402
-from ditpipe.text import TextEncoder  # noqa: E402
 from ditpipe.train import Batch, diffusion_loss, make_batch, model_spec  # noqa: E402
-from ditpipe.vae import PreparedImages, build_vae, load_vae  # noqa: E402
+from ditpipe.vae import build_vae  # noqa: E402
 
 SD_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4}
 

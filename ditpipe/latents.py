@@ -16,11 +16,11 @@ from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from ditpipe.autoencoder import PreparedImages, load_vae
 from ditpipe.cache import TensorCache
 from ditpipe.config import LatentsConfig
 from ditpipe.errors import DitpipeError
 from ditpipe.io import TORCH_DTYPES, cache_key, read_json, read_jsonl, resolve_device, state_dict_hash, write_json
-from ditpipe.vae import PreparedImages, load_vae
 
 
 def latent_key(sample_sha: str, vae_id: str, resolution: int, cfg: LatentsConfig) -> str:

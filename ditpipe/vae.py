@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ditpipe.autoencoder import PreparedImages, downsample_factor, load_vae, to_image
 from ditpipe.config import VaeConfig
 from ditpipe.errors import DitpipeError
-from ditpipe.io import read_json, read_jsonl, resolve_device, staged_dir, state_dict_hash, write_json
+from ditpipe.io import read_json, resolve_device, staged_dir, state_dict_hash, write_json
 
 
 def build_vae(cfg: VaeConfig, resolution: int) -> AutoencoderKL:
@@ -40,42 +41,6 @@ def build_vae(cfg: VaeConfig, resolution: int) -> AutoencoderKL:
         norm_num_groups=groups,
         sample_size=resolution,
     )
-
-
-def downsample_factor(vae: AutoencoderKL) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image to a (3, H, W) float tensor in [-1, 1]."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def to_image(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) tensor in [-1, 1] to an RGB PIL image."""
-    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr, "RGB")
-
-
-class PreparedImages(Dataset):
-    """Images of one split of a prepared folder, as [-1, 1] tensors; loaded lazily."""
-
-    def __init__(self, prepared: str | Path, split: str | None, flip: bool = False):
-        self.root = Path(prepared)
-        rows = read_jsonl(self.root / "samples.jsonl")
-        self.rows = [r for r in rows if split is None or r["split"] == split]
-        self.flip = flip
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.root / self.rows[i]["file"]) as img:
-            x = to_tensor(img)
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x
 
 
 def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float) -> torch.Tensor:
@@ -148,15 +113,6 @@ def recon_grid(vae: AutoencoderKL, images: torch.Tensor, device: torch.device) -
         grid.paste(to_image(recon[i]), (i * w, h))
     scale = max(1, 128 // h)  # small images are unreadable at 1:1
     return grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
-
-
-def load_vae(pretrained: str, subfolder: str = "") -> AutoencoderKL:
-    """``AutoencoderKL.from_pretrained`` with a clear error for a bad id or path."""
-    kwargs = {"subfolder": subfolder} if subfolder else {}
-    try:
-        return AutoencoderKL.from_pretrained(pretrained, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise DitpipeError(f"cannot load an AutoencoderKL from vae.pretrained={pretrained!r}: {exc}") from None
 
 
 def run(cfg: VaeConfig, prepared: str | Path, out_dir: str | Path) -> dict:

@@ -50,7 +50,7 @@ def tiny_text_encoder(tmp_path_factory) -> Path:
     """A tiny random BERT with MiniLM's real tokenizer, saved with save_pretrained."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from ditpipe.text import ENCODERS
+    from ditpipe.encoders import ENCODERS
 
     path = tmp_path_factory.mktemp("tiny-bert")
     tok = AutoTokenizer.from_pretrained(ENCODERS["all-MiniLM-L6-v2"]())

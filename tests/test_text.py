@@ -5,9 +5,10 @@ import torch
 
 from ditpipe.cache import TensorCache
 from ditpipe.config import TextConfig
+from ditpipe.encoders import ENCODERS, TextEncoder, caption_hash
 from ditpipe.errors import DitpipeError
 from ditpipe.io import read_json
-from ditpipe.text import ENCODERS, TextEncoder, caption_hash, run, unique_captions
+from ditpipe.text import run, unique_captions
 
 
 def write_prepared(root, captions):

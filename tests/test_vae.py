@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 
+from ditpipe.autoencoder import downsample_factor
 from ditpipe.config import DataConfig, VaeConfig
 from ditpipe.errors import DitpipeError
 from ditpipe.prepare import run as prepare
-from ditpipe.vae import build_vae, downsample_factor, run
+from ditpipe.vae import build_vae, run
 
 
 @pytest.fixture
