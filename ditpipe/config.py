@@ -39,6 +39,11 @@ class PathsConfig:
     text: str = opt("artifacts/text", "per-caption text embedding cache and its index")
     shards: str = opt("artifacts/shards", "webdataset tar shards (train/val) and index.json")
     train: str = opt("artifacts/train", "the training run: checkpoints, metrics.jsonl, final EMA model")
+    evaluate: str = opt("artifacts/evaluate", "samples (imagefolder), grids and the evaluation protocol")
+    reference: str = opt("artifacts/reference", "cached Inception features of reference images, per data version")
+    metrics: str = opt("artifacts/metrics.json", "evaluation metrics (dvc metrics show)")
+    plots: str = opt("artifacts/plots", "plot data and images (dvc plots show)")
+    export: str = opt("artifacts/export", "the run as one diffusers pipeline folder with a model card")
 
 
 @dataclass(frozen=True)
@@ -188,8 +193,16 @@ class TrainConfig:
     compile: bool = opt(False, "torch.compile the model")
     peak_tflops: float = opt(0.0, "device peak TFLOP/s for MFU; 0 looks up known GPUs")
     record_keys: bool = opt(False, "write the sample keys of every step to keys-rank<N>.jsonl (audits data order)")
+    eval_every: int = opt(200, "steps between in-run evaluations: val loss, a sample grid, judge accuracy (0 = off)")
+    eval_samples: int = opt(16, "val prompts sampled at each in-run evaluation (EMA weights)")
+    eval_steps: int = opt(20, "sampler steps of the in-run sample grid")
+    eval_guidance_scale: float = opt(4.0, "classifier-free guidance scale of the in-run sample grid")
 
     def __post_init__(self) -> None:
+        for name in ("eval_every", "eval_samples"):
+            _check_min(f"train.{name}", getattr(self, name), 0)
+        _check_min("train.eval_steps", self.eval_steps, 1)
+        _check_min("train.eval_guidance_scale", self.eval_guidance_scale, 1.0)
         for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
             _check_min(f"train.{name}", getattr(self, name), 1)
         for name in ("warmup_steps", "num_workers", "shuffle_buffer"):
@@ -199,6 +212,46 @@ class TrainConfig:
         _check_range("train.caption_dropout", self.caption_dropout, 0.0, 1.0)
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ConfigError(f"train.flip_prob must be in [0, 1], got {self.flip_prob}")
+
+
+# Which objective each sampler solves (the samplers themselves are in ditpipe.sampling).
+SAMPLER_OBJECTIVES = {"euler": "rectified_flow", "heun": "rectified_flow", "ddpm": "ddpm", "ddim": "ddpm",
+                      "dpmpp": "ddpm"}
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The ``evaluate`` stage: sample the val prompts, then FID/KID, CLIP score and compositional accuracy."""
+
+    samples: int = opt(0, "images to sample, cycling the val prompts with new seeds (0 = one per val prompt)")
+    sampler: Literal["auto", "euler", "heun", "ddpm", "ddim", "dpmpp"] = opt(
+        "auto", "auto (euler for rectified_flow, dpmpp for ddpm), euler, heun, ddpm, ddim or dpmpp")
+    steps: int = opt(30, "sampler steps (heun calls the model twice per step)")
+    guidance_scale: float = opt(4.0, "classifier-free guidance scale of the samples, grid and headline metrics")
+    sweep: tuple[float, ...] = opt([1.0, 2.0, 4.0, 6.0], "guidance scales of the metric-vs-guidance plot ([] = none)")
+    sweep_fid: bool = opt(False, "also FID/KID at every sweep scale (one Inception pass of all samples per scale)")
+    seed: int = opt(0, "sample i starts from seed + i: images do not depend on batch size or device")
+    batch_size: int = opt(64, "prompts per sampling batch (twice that many model rows with guidance)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "auto = bf16 on GPU, fp32 on CPU")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+    fid: bool = opt(True, "compute FID and KID (Inception runs about 5 images/s on 2 CPU cores)")
+    inception: str = opt("fid-inception", "fid-inception (the standard FID InceptionV3, offline) or a TorchScript path")
+    reference_split: Literal["val", "train", "all"] = opt("val", "prepared images FID/KID compare against")
+    reference_count: int = opt(0, "most reference images (0 = the whole split)")
+    kid_subset_size: int = opt(1000, "KID subset size (capped at the sample counts)")
+    kid_subsets: int = opt(100, "KID subsets averaged")
+    clip_model: str = opt("", "CLIP hub id or local path for CLIP score; empty = none (no CLIP installs offline)")
+    grid_size: int = opt(16, "images in the sample grid")
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "reference_count"):
+            _check_min(f"evaluate.{name}", getattr(self, name), 0)
+        for name in ("steps", "batch_size", "kid_subset_size", "kid_subsets", "grid_size"):
+            _check_min(f"evaluate.{name}", getattr(self, name), 1)
+        _check_min("evaluate.guidance_scale", self.guidance_scale, 1.0)
+        for i, g in enumerate(self.sweep):
+            _check_min(f"evaluate.sweep[{i}]", g, 1.0)
+        _check_device("evaluate.device", self.device)
 
 
 @dataclass(frozen=True)
@@ -223,7 +276,15 @@ class Config:
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        sampler = self.evaluate.sampler
+        if sampler != "auto" and SAMPLER_OBJECTIVES[sampler] != self.train.objective:
+            fits = [k for k, v in SAMPLER_OBJECTIVES.items() if v == self.train.objective]
+            raise ConfigError(f"evaluate.sampler={sampler} samples {SAMPLER_OBJECTIVES[sampler]} models but "
+                              f"train.objective is {self.train.objective}: use auto or one of {', '.join(fits)}")
 
 
 def _check_min(key: str, value: float, low: float) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -230,12 +231,39 @@ class Spec:
         return self.latent_channels * (2 if self.learn_sigma else 1)
 
 
+def _call_dit(m, x, t, emb, mask, pooled, y):
+    return m(x, t, pooled=pooled, class_labels=y)
+
+
+def _call_cross(m, x, t, emb, mask, pooled, y):
+    return m(x, encoder_hidden_states=emb, timestep=t, encoder_attention_mask=mask,
+             added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+
+
+def _call_mmdit(m, x, t, emb, mask, pooled, y):
+    return m(x, encoder_hidden_states=emb, pooled_projections=pooled, timestep=t).sample
+
+
+def _call_unet(m, x, t, emb, mask, pooled, y):
+    return m(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
+
+
+# arch -> (the diffusers model class, how to call it with (x, t, emb, mask, pooled, class_labels))
+INNER: dict[str, tuple[type[ModelMixin], Callable]] = {
+    "dit": (DiT, _call_dit),
+    "cross": (PixArtTransformer2DModel, _call_cross),
+    "mmdit": (SD3Transformer2DModel, _call_mmdit),
+    "unet": (UNet2DConditionModel, _call_unet),
+}
+
+
 class Denoiser(nn.Module):
     """``inner`` (a diffusers model) behind one call: ``(x, t, emb, mask, pooled) -> prediction``."""
 
-    def __init__(self, inner: ModelMixin, call: Callable, arch: str):
+    def __init__(self, inner: ModelMixin, arch: str):
         super().__init__()
-        self.inner, self._call, self.arch = inner, call, arch
+        self.inner, self.arch = inner, arch
+        self._call = INNER[arch][1]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor,
                 pooled: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -245,11 +273,19 @@ class Denoiser(nn.Module):
         self.inner.enable_gradient_checkpointing()
 
 
+def arch_of(inner: ModelMixin) -> str:
+    """The arch name of a loaded diffusers model (for pipelines that hold the bare model)."""
+    for arch, (cls, _) in INNER.items():
+        if type(inner) is cls:
+            return arch
+    raise ValueError(f"{type(inner).__name__} is not a ditpipe denoiser (known: {', '.join(INNER)})")
+
+
 def build_dit(preset: Preset, patch: int, spec: Spec) -> Denoiser:
     inner = DiT(sample_size=spec.latent_size, patch_size=patch, in_channels=spec.latent_channels,
                 out_channels=spec.out_channels, hidden_size=preset.hidden_size, depth=preset.depth,
                 num_heads=preset.num_heads, num_classes=spec.num_classes, text_dim=spec.text_dim)
-    return Denoiser(inner, lambda m, x, t, emb, mask, pooled, y: m(x, t, pooled=pooled, class_labels=y), "dit")
+    return Denoiser(inner, "dit")
 
 
 def build_cross(preset: Preset, patch: int, spec: Spec) -> Denoiser:
@@ -260,12 +296,7 @@ def build_cross(preset: Preset, patch: int, spec: Spec) -> Denoiser:
         caption_channels=spec.text_dim, use_additional_conditions=False, norm_type="ada_norm_single",
         num_embeds_ada_norm=1000,
     )
-
-    def call(m, x, t, emb, mask, pooled, y):
-        return m(x, encoder_hidden_states=emb, timestep=t, encoder_attention_mask=mask,
-                 added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-
-    return Denoiser(inner, call, "cross")
+    return Denoiser(inner, "cross")
 
 
 def build_mmdit(preset: Preset, patch: int, spec: Spec) -> Denoiser:
@@ -276,11 +307,7 @@ def build_mmdit(preset: Preset, patch: int, spec: Spec) -> Denoiser:
         pooled_projection_dim=spec.text_dim, out_channels=spec.out_channels,
         pos_embed_max_size=max(spec.latent_size // patch, 1),
     )
-
-    def call(m, x, t, emb, mask, pooled, y):
-        return m(x, encoder_hidden_states=emb, pooled_projections=pooled, timestep=t).sample
-
-    return Denoiser(inner, call, "mmdit")
+    return Denoiser(inner, "mmdit")
 
 
 def build_unet(preset: Preset, patch: int, spec: Spec) -> Denoiser:
@@ -294,11 +321,7 @@ def build_unet(preset: Preset, patch: int, spec: Spec) -> Denoiser:
         cross_attention_dim=spec.text_dim, attention_head_dim=8,  # heads, despite the name
         norm_num_groups=min(32, math.gcd(*chans)),
     )
-
-    def call(m, x, t, emb, mask, pooled, y):
-        return m(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask).sample
-
-    return Denoiser(inner, call, "unet")
+    return Denoiser(inner, "unet")
 
 
 ARCHS: dict[str, Callable[[Preset, int, Spec], Denoiser]] = {
@@ -363,3 +386,61 @@ def preset_table(spec: Spec, archs: tuple[str, ...] = tuple(ARCHS), patches: tup
                 rows.append({"arch": arch, "size": size if arch != "unet" else name, "tokens": tokens,
                              "params_m": count_parameters(model) / 1e6, "gflops": flops / 2e9})
     return rows
+
+
+# ---------------------------------------------------------------- a trained run: final/ditpipe.json and its loader
+
+RUN_INFO = "ditpipe.json"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What ``train`` hands on beside the EMA weights in ``final/``: enough to sample, evaluate and export."""
+
+    arch: str  # model.arch
+    size: str  # model.size
+    objective: str  # train.objective
+    step: int  # optimizer steps trained
+    spec: Spec  # latent shape and caption width the model was built for
+    latents: dict  # the shards' latents section: vae_identity, scaling_factor, shift_factor, resolution, ...
+    text: dict  # the shards' text section: encoder, encoder_identity, max_length, dim, dtype
+    parameters: int
+    shards: str  # the shards folder trained on
+    shards_index_sha256: str
+    config: dict = field(default_factory=dict)  # the resolved params of the run
+    mlflow_run_id: str | None = None
+    flops_per_image: float = 0.0  # training FLOPs per image (forward + backward)
+    batch_size: int = 0  # global batch size (all processes)
+
+    def write(self, final_dir: str | Path) -> None:
+        from ditpipe.io import write_json
+
+        write_json(Path(final_dir) / RUN_INFO, {**asdict(self), "spec": asdict(self.spec)})
+
+    @classmethod
+    def read(cls, final_dir: str | Path) -> RunInfo:
+        from ditpipe.errors import DitpipeError
+        from ditpipe.io import read_json
+
+        path = Path(final_dir) / RUN_INFO
+        if not path.exists():
+            raise DitpipeError(f"{path} not found: {final_dir} is not a finished ditpipe run (run `ditpipe train`)")
+        raw = read_json(path)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known and k != "spec"}, spec=Spec(**raw["spec"]))
+
+
+def final_dir(run_or_final: str | Path) -> Path:
+    """``final/`` of a run folder, or the folder itself when it already is one."""
+    path = Path(run_or_final)
+    return path if (path / RUN_INFO).exists() or not (path / "final").exists() else path / "final"
+
+
+def load_denoiser(run_or_final: str | Path, device: str | torch.device = "cpu") -> tuple[Denoiser, RunInfo]:
+    """Exactly the trained (EMA) ``Denoiser`` of a run, in eval mode, and its :class:`RunInfo`; every arch."""
+    final = final_dir(run_or_final)
+    info = RunInfo.read(final)
+    if info.arch not in INNER:
+        raise ConfigError(f"{final}: unknown arch {info.arch!r} (known: {', '.join(INNER)})")
+    inner = INNER[info.arch][0].from_pretrained(final)
+    return Denoiser(inner, info.arch).to(device).eval(), info

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from ditpipe.config import Config
 
-ORDER = ("prepare", "vae", "latents", "text", "shards", "train")
+ORDER = ("prepare", "vae", "latents", "text", "shards", "train", "evaluate", "export")
 
 
 def _prepare(cfg: Config) -> dict:
@@ -48,7 +48,23 @@ def _train(cfg: Config) -> dict:
     from ditpipe import train
     from ditpipe.config import to_dict
 
-    return train.run(cfg.model, cfg.train, cfg.tracking, cfg.paths.shards, cfg.paths.train, to_dict(cfg))
+    return train.run(cfg.model, cfg.train, cfg.tracking, cfg.paths.shards, cfg.paths.train, to_dict(cfg),
+                     vae_dir=cfg.paths.vae)
+
+
+def _evaluate(cfg: Config) -> dict:
+    from ditpipe import evaluate
+
+    p = cfg.paths
+    return evaluate.run(cfg.evaluate, cfg.tracking, p.train, p.shards, p.vae, p.prepared, p.reference, p.evaluate,
+                        p.metrics, p.plots)
+
+
+def _export(cfg: Config) -> dict:
+    from ditpipe import export
+
+    p = cfg.paths
+    return export.run(p.train, p.vae, p.evaluate, p.metrics, p.export)
 
 
 STAGES: dict[str, Callable[[Config], dict]] = {
@@ -58,6 +74,8 @@ STAGES: dict[str, Callable[[Config], dict]] = {
     "text": _text,
     "shards": _shards,
     "train": _train,
+    "evaluate": _evaluate,
+    "export": _export,
 }
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import yaml
+from PIL import Image
 
 from ditpipe.config import TrackingConfig
 
@@ -65,6 +66,9 @@ class NullTracker:
     def log_metrics(self, row: dict, step: int) -> None:
         pass
 
+    def log_image(self, image: Image.Image, key: str, step: int) -> None:
+        pass
+
     def finish(self, final_dir: Path | None) -> None:
         pass
 
@@ -80,10 +84,23 @@ class MlflowTracker:
         metrics = [Metric(k, float(v), now, step) for k, v in row.items() if k != "step" and v is not None]
         self.client.log_batch(self.run_id, metrics=metrics)
 
+    def log_image(self, image: Image.Image, key: str, step: int) -> None:
+        self.client.log_image(self.run_id, image, key=key, step=step)
+
     def finish(self, final_dir: Path | None) -> None:
         if final_dir is not None:
             self.client.log_artifacts(self.run_id, str(final_dir), "model")
         self.client.set_terminated(self.run_id, "FINISHED")
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """The experiment's id, created when missing."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    # SQLite clients put artifacts in a relative ./mlruns unless told otherwise: make it absolute.
+    location = (Path.cwd() / "mlruns").resolve().as_uri() if uri.startswith("sqlite") else None
+    return client.create_experiment(name, artifact_location=location)
 
 
 def start(cfg: TrackingConfig, run_dir: Path, resolved: dict, index_hash: str, run_id: str | None,
@@ -104,13 +121,7 @@ def start(cfg: TrackingConfig, run_dir: Path, resolved: dict, index_hash: str, r
             return MlflowTracker(client, run_id)
         except MlflowException:
             log.warning("MLflow run %s not found at %s; starting a new one", run_id, uri)
-    exp = client.get_experiment_by_name(cfg.experiment)
-    if exp is None:
-        # SQLite clients put artifacts in a relative ./mlruns unless told otherwise: make it absolute.
-        location = (Path.cwd() / "mlruns").resolve().as_uri() if uri.startswith("sqlite") else None
-        exp_id = client.create_experiment(cfg.experiment, artifact_location=location)
-    else:
-        exp_id = exp.experiment_id
+    exp_id = experiment_id(client, cfg.experiment, uri)
     tags = {"ditpipe.shards_index_sha256": index_hash, "ditpipe.run_dir": str(run_dir.resolve()),
             **dvc_lock_tags()}
     commit = git_commit()
@@ -121,3 +132,54 @@ def start(cfg: TrackingConfig, run_dir: Path, resolved: dict, index_hash: str, r
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=params[i : i + 100])
     return MlflowTracker(client, run.info.run_id)
+
+
+def log_evaluation(cfg: TrackingConfig, train_run_id: str | None, step: int, metrics: dict[str, float | None],
+                   protocol: dict, images: dict[str, Image.Image], artifacts: dict[str, Path]) -> str | None:
+    """Log an evaluation: headline metrics and grids on the training run (so the compare view shows them side
+    by side), and everything (protocol as params, metrics, grids, files) on a child run of it.
+
+    Returns the child run's id, or None when tracking is off.
+    """
+    if not cfg.enabled:
+        return None
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    now = int(time.time() * 1000)
+    values = [(f"eval/{k}", float(v)) for k, v in metrics.items() if v is not None]
+    parent = None
+    if train_run_id:
+        try:
+            parent = client.get_run(train_run_id)
+        except MlflowException:
+            log.warning("training run %s not found at %s; logging the evaluation on its own", train_run_id, uri)
+    if parent is not None:
+        client.log_batch(train_run_id, metrics=[Metric(k, v, now, step) for k, v in values],
+                         tags=[RunTag(f"eval.{k}", str(v)[:5000]) for k, v in flatten(protocol).items()])
+        for key, image in images.items():
+            client.log_image(train_run_id, image, key=f"eval/{key}", step=step)
+        exp_id = parent.info.experiment_id
+    else:
+        exp_id = experiment_id(client, cfg.experiment, uri)
+    tags = {"mlflow.parentRunId": train_run_id} if parent is not None else {}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    child = client.create_run(exp_id, run_name=f"evaluate-step-{step}", tags=tags).info.run_id
+    params = [Param(k, v[:6000]) for k, v in flatten(protocol).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(child, params=params[i : i + 100])
+    client.log_batch(child, metrics=[Metric(k, v, now, step) for k, v in values])
+    for key, image in images.items():
+        client.log_image(child, image, key=f"eval/{key}", step=step)
+    for name, path in artifacts.items():
+        if path.is_dir():
+            client.log_artifacts(child, str(path), name)
+        elif path.exists():
+            client.log_artifact(child, str(path), name)
+    client.set_terminated(child, "FINISHED")
+    return child

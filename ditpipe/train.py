@@ -9,11 +9,13 @@ different model, objective or data starts over.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,8 @@ from ditpipe import tracking
 from ditpipe.config import ModelConfig, TrackingConfig, TrainConfig
 from ditpipe.io import TMP_PREFIX, cache_key, read_json, read_jsonl, sha256_file, write_json
 from ditpipe.loader import empty_caption, load_index, make_loader
-from ditpipe.models import Denoiser, Spec, build_model, count_parameters, forward_flops
+from ditpipe.models import Denoiser, RunInfo, Spec, build_model, count_parameters, forward_flops
+from ditpipe.monitor import Monitor
 from ditpipe.objectives import build_objective
 
 # Dense bf16 peak TFLOP/s of common GPUs, for model FLOPs utilisation (MFU).
@@ -110,7 +113,8 @@ def run_fingerprint(resolved: dict, index_hash: str) -> str:
     """What must match to resume: model, objective, optimisation and data (not steps or logging)."""
     train = {k: v for k, v in resolved["train"].items()
              if k not in ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "compile",
-                          "peak_tflops", "gradient_checkpointing", "mixed_precision", "num_workers")}
+                          "peak_tflops", "gradient_checkpointing", "mixed_precision", "num_workers")
+             and not k.startswith("eval_")}
     return cache_key(json.dumps(resolved["model"], sort_keys=True), json.dumps(train, sort_keys=True), index_hash)
 
 
@@ -189,18 +193,27 @@ def load_checkpoint(path: Path, acc: Accelerator, model, ema: EMAModel, opt, sch
     return read_json(path / "trainer.json")
 
 
-def save_final(acc: Accelerator, run_dir: Path, model, ema: EMAModel, info: dict) -> Path:
+@contextlib.contextmanager
+def ema_weights(acc: Accelerator, model, ema: EMAModel) -> Iterator[Denoiser]:
+    """The plain model with the EMA weights swapped in for the block; the trained weights come back after."""
+    inner = plain_model(acc, model)
+    ema.store(inner.parameters())
+    ema.copy_to(inner.parameters())
+    try:
+        yield inner
+    finally:
+        ema.restore(inner.parameters())
+
+
+def save_final(acc: Accelerator, run_dir: Path, model, ema: EMAModel, info: RunInfo) -> Path:
     """The EMA weights as a diffusers model folder, plus what evaluation needs to use it."""
     final = run_dir / "final"
     if acc.is_main_process:
-        inner = plain_model(acc, model)
-        ema.store(inner.parameters())
-        ema.copy_to(inner.parameters())
         tmp = final.with_name(f"{TMP_PREFIX}final")
         shutil.rmtree(tmp, ignore_errors=True)
-        inner.inner.save_pretrained(tmp)
-        write_json(tmp / "ditpipe.json", info)
-        ema.restore(inner.parameters())
+        with ema_weights(acc, model, ema) as inner:
+            inner.inner.save_pretrained(tmp)
+        info.write(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     acc.wait_for_everyone()
@@ -231,6 +244,7 @@ class StepLog:
         self.flops_per_image, self.peak = flops_per_image, peak_flops(acc.device, cfg.peak_tflops)
         if acc.is_main_process:
             truncate_metrics(self.metrics, step)
+            truncate_metrics(run_dir / "eval.jsonl", step)
         if cfg.record_keys:
             truncate_metrics(self.keys, step)
         acc.wait_for_everyone()
@@ -251,7 +265,8 @@ class StepLog:
         images_s = self.steps * self.cfg.batch_size * n / (time.perf_counter() - self.start)
         row = {"step": step, "loss": acc.reduce(self.loss_sum / self.steps, "mean").item(), "lr": lr,
                "images_per_s": images_s, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-               "ema_decay": ema_decay, "memory_mb": memory_mb(acc.device)}
+               "ema_decay": ema_decay, "memory_mb": memory_mb(acc.device),
+               "train_flops": step * self.cfg.batch_size * n * self.flops_per_image}
         if self.peak:
             row["mfu"] = images_s * self.flops_per_image / (self.peak * n)
         if acc.is_main_process:
@@ -295,8 +310,8 @@ def optimizer_step(acc: Accelerator, model, opt, sched, ema: EMAModel, loss: tor
 
 
 def run(model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_dir: str | Path,
-        out_dir: str | Path, resolved: dict) -> dict:
-    """Train (or resume) into ``out_dir``; return a summary."""
+        out_dir: str | Path, resolved: dict, vae_dir: str | Path | None = None) -> dict:
+    """Train (or resume) into ``out_dir``; return a summary. ``vae_dir`` lets in-run evaluations draw images."""
     t_start = time.perf_counter()
     shards_dir, run_dir = Path(shards_dir), Path(out_dir)
     index, index_hash = load_index(shards_dir), sha256_file(shards_dir / "index.json")
@@ -339,6 +354,10 @@ def run(model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_
     data = iter(make_loader(shards_dir, "train", cfg.batch_size, num_workers=cfg.num_workers,
                             shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=acc.process_index,
                             world_size=acc.num_processes, infinite=True, skip_batches=step))
+    monitor = None
+    if acc.is_main_process and cfg.eval_every:
+        monitor = Monitor(cfg, shards_dir, vae_dir, index, objective, run_dir, tracker,
+                          flops_per_image * cfg.batch_size * acc.num_processes)
     start_step = step
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=None if acc.is_main_process else True)
     model.train()
@@ -354,13 +373,20 @@ def run(model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_
         if step % cfg.log_every == 0 or step == cfg.steps:
             row = steplog.flush(step, sched.get_last_lr()[0], grad_norm, ema.get_decay(ema.optimization_step))
             bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if monitor is not None and monitor.due(step):
+            with ema_weights(acc, model, ema) as inner:
+                row = monitor(inner, empty, step)
+            model.train()
+            bar.write(f"train: step {step} val loss {row['val_loss']:.4f}"
+                      + "".join(f", {k[4:]} {v:.0%}" for k, v in row.items() if k.startswith("acc_")))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             meta["samples_per_rank"] = step * cfg.batch_size  # the data position a resume skips to
             save_checkpoint(acc, run_dir, step, model, ema, opt, sched, gen, meta, cfg.keep_checkpoints)
     bar.close()
-    info = {"arch": model_cfg.arch, "size": model_cfg.size, "objective": cfg.objective, "step": step,
-            "spec": vars(spec), "latents": index["latents"], "text": index["text"], "parameters": n_params,
-            "shards": str(shards_dir), "shards_index_sha256": index_hash}
+    info = RunInfo(arch=model_cfg.arch, size=model_cfg.size, objective=cfg.objective, step=step, spec=spec,
+                   latents=index["latents"], text=index["text"], parameters=n_params, shards=str(shards_dir),
+                   shards_index_sha256=index_hash, config=resolved, mlflow_run_id=tracker.run_id,
+                   flops_per_image=flops_per_image, batch_size=cfg.batch_size * acc.num_processes)
     final = save_final(acc, run_dir, model, ema, info)
     tracker.finish(final if acc.is_main_process else None)
     last = steplog.last()

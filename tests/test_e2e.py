@@ -17,7 +17,10 @@ pytestmark = pytest.mark.slow
 
 FAST = {"vae": {"block_out_channels": [8, 16, 16], "steps": 20, "batch_size": 16}, "text": {"max_length": 16},
         "shards": {"max_samples": 16}, "model": {"size": "T/2"},
-        "train": {"steps": 6, "batch_size": 8, "checkpoint_every": 3, "log_every": 2}}
+        "train": {"steps": 6, "batch_size": 8, "checkpoint_every": 3, "log_every": 2, "eval_every": 3,
+                  "eval_samples": 4, "eval_steps": 2},
+        "evaluate": {"steps": 3, "sweep": [1.0, 4.0], "kid_subsets": 10}}
+ALL_STAGES = ("prepare", "vae", "latents", "text", "shards", "train", "evaluate", "export")
 
 
 def sh(cmd: list[str], cwd: Path, timeout: float = 900) -> str:
@@ -62,17 +65,19 @@ def check_shards(repo: Path, accepted: int) -> dict:
 
 def test_dvc_repro_shapes_then_exp_run_on_twemoji(repo, twemoji_subset):
     out = sh(["dvc", "repro"], repo)
-    for stage in ("prepare", "vae", "latents", "text", "shards", "train"):
+    for stage in ALL_STAGES:
         assert f"Running stage '{stage}'" in out
     index = check_shards(repo, 48)
     assert index["data"]["source"] == "builtin:shapes"
     assert "up to date" in sh(["dvc", "repro"], repo)  # nothing changed: nothing runs
     check_mlflow_run(repo, index_sha=hashlib.sha256((repo / "artifacts/shards/index.json").read_bytes()).hexdigest())
+    check_evaluation(repo)
 
-    # more steps: the persisted run resumes from its last checkpoint instead of starting over
+    # more steps: the persisted run resumes from its last checkpoint instead of starting over, and is re-evaluated
     out = sh(["dvc", "exp", "run", "-S", "train.steps=8"], repo)
     assert "Running stage 'train'" in out and "resumed from step 6" in out
-    assert "Running stage 'prepare'" not in out
+    assert "Running stage 'evaluate'" in out and "Running stage 'prepare'" not in out
+    check_experiments_compare(repo)
 
     # real RGBA images from an imagefolder, by override, as a DVC experiment
     out = sh(["dvc", "exp", "run", "-S", f"data.source={twemoji_subset}", "-S", "data.val_fraction=0.2"], repo)
@@ -84,13 +89,39 @@ def test_dvc_repro_shapes_then_exp_run_on_twemoji(repo, twemoji_subset):
     assert len(latents["samples"]) == 40
 
 
+def check_evaluation(repo: Path) -> None:
+    """`dvc repro` ends with samples, grids, metrics DVC reads, plots DVC renders, and a diffusers export."""
+    metrics = json.loads(sh(["dvc", "metrics", "show", "--json"], repo))
+    values = metrics[""]["data"]["artifacts/metrics.json"]["data"]
+    assert values["fid"] > 0 and values["n"] == 3 and values["step"] == 6
+    assert set(values["accuracy_real"]) >= {"color", "shape", "relation", "count"}
+    for name in ("samples/metadata.jsonl", "grid.png", "sweep.png", "protocol.json"):
+        assert (repo / "artifacts/evaluate" / name).exists()
+    sh(["dvc", "plots", "show", "-o", "plots-html"], repo)
+    html = (repo / "plots-html/index.html").read_text()
+    for title in ("training loss", "accuracy vs guidance scale", "samples.png"):
+        assert title in html
+    assert json.loads((repo / "artifacts/export/model_index.json").read_text())["_class_name"] == "DitpipePipeline"
+
+
+def check_experiments_compare(repo: Path) -> None:
+    """`dvc exp show` lists the workspace and the experiment with their metrics side by side."""
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(sh(["dvc", "exp", "show", "--csv"], repo))))
+    fid_col = next(c for c in rows[0] if c.endswith("fid"))
+    steps = {r["train.steps"]: r[fid_col] for r in rows if r.get(fid_col)}
+    assert {"6", "8"} <= set(steps), rows
+
+
 def check_mlflow_run(repo: Path, index_sha: str) -> None:
     """The run's page alone tells what was trained on what."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ditpipe")
-    (run,) = client.search_runs([exp.experiment_id])
+    (run,) = client.search_runs([exp.experiment_id], "tags.mlflow.parentRunId IS NULL")
     assert run.info.status == "FINISHED"
     assert run.data.params["model.size"] == "T/2" and run.data.params["data.source"] == "builtin:shapes"
     assert run.data.tags["ditpipe.shards_index_sha256"] == index_sha
@@ -98,3 +129,6 @@ def check_mlflow_run(repo: Path, index_sha: str) -> None:
     for stage in ("prepare", "vae", "latents", "text", "shards"):
         assert run.data.tags[f"dvc.{stage}.md5"].endswith(".dir")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
+    assert "eval/fid" in run.data.metrics and "val_loss" in run.data.metrics  # evaluation shows on the run
+    (child,) = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert child.data.params["sampler"] == "euler" and "eval/kid" in child.data.metrics

@@ -12,6 +12,7 @@ import yaml
 from ditpipe.config import ModelConfig, TrackingConfig, TrainConfig, load_config, to_dict
 from ditpipe.io import read_jsonl
 from ditpipe.loader import empty_caption, make_loader
+from ditpipe.models import build_model, load_denoiser
 from ditpipe.train import checkpoints, make_batch, run
 from tests.conftest import REPO
 
@@ -55,6 +56,50 @@ def test_every_arch_and_objective_trains(tiny_shards, tmp_path, arch, objective)
     info = json.loads((tmp_path / "run" / "final" / "ditpipe.json").read_text())
     assert info["arch"] == arch and info["objective"] == objective
     assert (tmp_path / "run" / "final" / "config.json").exists()
+    assert_loads_the_ema_model(tmp_path / "run", arch)
+
+
+def assert_loads_the_ema_model(run_dir, arch):
+    """load_denoiser gives back exactly the EMA weights of the last checkpoint, as the same architecture."""
+    loaded, info = load_denoiser(run_dir)
+    assert loaded.arch == arch and info.arch == arch and not loaded.training
+    state = torch.load(checkpoints(run_dir)[-1] / "state.pt", weights_only=True)
+    rebuilt = build_model(arch, info.size, info.spec)
+    for p, shadow in zip(rebuilt.parameters(), state["ema"]["shadow_params"]):
+        p.data.copy_(shadow)
+    for (name, a), b in zip(loaded.state_dict().items(), rebuilt.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    x = torch.randn(2, *(info.spec.latent_channels, info.spec.latent_size, info.spec.latent_size))
+    emb, mask, pooled = torch.randn(2, 8, info.spec.text_dim), torch.ones(2, 8, dtype=torch.long), torch.randn(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, torch.tensor([3.0, 700.0]), emb, mask, pooled),
+                                   rebuilt.eval()(x, torch.tensor([3.0, 700.0]), emb, mask, pooled))
+
+
+def test_in_run_evaluation_logs_val_loss_grids_and_judge_accuracy(tiny_shards, tmp_path):
+    """Every eval_every steps: val loss with fixed noise (same value for the same weights), a grid, accuracy."""
+    out = tmp_path / "run"
+    model_cfg = ModelConfig(arch="cross", size="T/2")
+    cfg = TrainConfig(steps=4, batch_size=8, log_every=1, eval_every=2, eval_samples=4, eval_steps=2)
+    resolved = to_dict(load_config(None, ["model.size=T/2"]))
+    run(model_cfg, cfg, NO_TRACKING, tiny_shards / "shards", out, resolved, vae_dir=tiny_shards / "vae")
+    rows = list(read_jsonl(out / "eval.jsonl"))
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert r["val_loss"] > 0 and 0 <= r["acc_color"] <= 1 and r["flops"] > 0
+        assert {"acc_shape", "acc_relation", "acc_count"} <= set(r)
+    assert rows[1]["flops"] == 2 * rows[0]["flops"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000002.png", "step-000004.png"]
+    again = tmp_path / "again"
+    run(model_cfg, cfg, NO_TRACKING, tiny_shards / "shards", again, resolved, vae_dir=tiny_shards / "vae")
+    assert [r["val_loss"] for r in read_jsonl(again / "eval.jsonl")] == [r["val_loss"] for r in rows]
+    # training itself is untouched by the evaluations: same losses as a run without them
+    quiet = tmp_path / "quiet"
+    run(model_cfg, TrainConfig(steps=4, batch_size=8, log_every=1, eval_every=0), NO_TRACKING,
+        tiny_shards / "shards", quiet, resolved)
+    assert [r["loss"] for r in read_jsonl(quiet / "metrics.jsonl")] == [r["loss"] for r in
+                                                                       read_jsonl(out / "metrics.jsonl")]
+    assert not (quiet / "eval.jsonl").exists()
 
 
 def test_checkpoints_keep_last_n_and_more_steps_resume(tiny_shards, tmp_path):
@@ -134,7 +179,7 @@ def test_mlflow_run_tells_what_was_trained_on_what(tiny_shards, tmp_path, monkey
     assert len(r.data.tags["ditpipe.shards_index_sha256"]) == 64
     history = client.get_metric_history(r.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4]
-    for key in ("lr", "grad_norm", "images_per_s", "memory_mb"):
+    for key in ("lr", "grad_norm", "images_per_s", "memory_mb", "train_flops", "val_loss"):
         assert key in r.data.metrics
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "model")}
     assert "model/config.json" in artifacts and "model/ditpipe.json" in artifacts

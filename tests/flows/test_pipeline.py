@@ -86,8 +86,12 @@ def test_deployment_run_through_server_and_served_flow(repo, prefect_env):  # no
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=prefect_env["MLFLOW_TRACKING_URI"])
-        (run,) = client.search_runs([client.get_experiment_by_name("prefect").experiment_id])
+        exp_id = client.get_experiment_by_name("prefect").experiment_id
+        (run,) = client.search_runs([exp_id], "tags.mlflow.parentRunId IS NULL")
         assert run.info.status == "FINISHED" and run.data.params["train.steps"] == "4"
+        (evaluation,) = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        assert evaluation.info.status == "FINISHED"  # evaluate logged through the tracking server too
+        assert (repo / "artifacts/export/model_index.json").exists()
         assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/config.json"}
     finally:
         serve.terminate()
