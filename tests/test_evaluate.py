@@ -58,6 +58,17 @@ def test_samples_are_an_imagefolder_with_the_protocol_of_every_image(evaluated, 
         assert (root / "evaluate" / name).exists()
 
 
+def test_the_samples_load_as_a_hugging_face_imagefolder(evaluated, monkeypatch, tmp_path):
+    from datasets import load_dataset
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    root = evaluated[0]
+    ds = load_dataset("imagefolder", data_dir=str(root / "evaluate/samples"), split="train",
+                      cache_dir=str(tmp_path / "hf"))
+    assert len(ds) == evaluated[3]["n"] and {"image", "text", "seed", "guidance_scale"} <= set(ds.features)
+    assert ds[0]["image"].size == (16, 16)
+
+
 def test_the_samples_feed_back_into_prepare(evaluated, tmp_path):
     root = evaluated[0]
     out = run_cli("prepare", "--set", f"data.source={root / 'evaluate/samples'}", "--set", "data.resolution=16",
