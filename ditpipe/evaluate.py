@@ -217,20 +217,30 @@ def flat_accuracy(acc: dict | None, prefix: str = "acc_") -> dict:
     return {f"{prefix}{k}": acc[k] for k in judge.ATTRIBUTES + ("all",) if acc.get(k) is not None}
 
 
+SWEEP_GRID = 8  # prompts per guidance scale in sweep.png
+
+
 def run_sweep(drawer: Drawer, prompts: Prompts, plan: list[tuple[int, int]], empty: dict, cfg: EvaluateConfig,
               sampler: str, headline: list[Image.Image], real_features, backbone) -> tuple[list[dict], dict]:
-    """Metrics at every sweep guidance scale (the headline scale's images are reused); and their images."""
+    """Metrics at every sweep guidance scale (the headline scale's images are reused); and their images.
+
+    When nothing can be measured at the sweep scales (no judge for these prompts, no sweep FID, no CLIP model),
+    only the prompts of the sweep grid are drawn.
+    """
     rows, images = [], {}
-    idx, seeds = [p for p, _ in plan], [s for _, s in plan]
-    texts = [prompts.captions[i] for i in idx]
+    texts = [prompts.captions[i] for i, _ in plan]
+    measured = bool(judge.applicable(texts) or cfg.sweep_fid or cfg.clip_model)
+    part = plan if measured else plan[:SWEEP_GRID]
+    idx, seeds = [p for p, _ in part], [s for _, s in part]
     for g in cfg.sweep:
-        imgs = headline if g == cfg.guidance_scale else drawer.images(
+        imgs = headline[: len(part)] if g == cfg.guidance_scale else drawer.images(
             prompts.cond.select(idx), empty, seeds, sampler=sampler, steps=cfg.steps, guidance_scale=g,
             batch_size=cfg.batch_size, progress=f"sample (cfg {g})")
         images[g] = imgs
-        m = image_metrics(imgs, texts, real_features if cfg.sweep_fid else None, backbone, cfg)
-        rows.append({"guidance_scale": g, **flat_accuracy(m["accuracy"]),
-                     **{k: m[k] for k in ("fid", "kid") if k in m}})
+        if measured:
+            m = image_metrics(imgs, texts, real_features if cfg.sweep_fid else None, backbone, cfg)
+            rows.append({"guidance_scale": g, **flat_accuracy(m["accuracy"]),
+                         **{k: m[k] for k in ("fid", "kid", "clip_score") if m.get(k) is not None}})
     return rows, images
 
 
@@ -296,7 +306,7 @@ def run(cfg: EvaluateConfig, track: TrackingConfig, train_dir: str | Path, shard
     }
     grid = caption_grid(images[: cfg.grid_size], texts[: cfg.grid_size],
                         title=f"step {info.step} | {sampler} {cfg.steps} steps | cfg {cfg.guidance_scale}")
-    k = min(8, len(images))
+    k = min(SWEEP_GRID, len(images))
     sweep_grid = caption_grid([im for g in cfg.sweep for im in sweep_images[g][:k]],
                               [f"cfg {g}: {t}" for g in cfg.sweep for t in texts[:k]], cols=k,
                               title="guidance sweep: one row per scale") if cfg.sweep else None

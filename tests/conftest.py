@@ -15,19 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-TWEMOJI = REPO.parent / "shared" / "data" / "twemoji"
-
-
-def twemoji_root() -> Path:
-    if not TWEMOJI.exists():  # CI lays shared/ beside the clone; say so instead of skipping
-        raise FileNotFoundError(f"the twemoji fixture is missing at {TWEMOJI}")
-    return TWEMOJI
+TWEMOJI = REPO / "tests" / "fixtures" / "twemoji"  # 40 real CC-BY 4.0 images, shipped (see its ATTRIBUTION.md)
 
 
 @pytest.fixture
 def twemoji_subset(tmp_path: Path) -> Path:
     """A copy of the first 40 twemoji (images + metadata.jsonl), free to break."""
-    src = twemoji_root()
+    src = TWEMOJI
     dst = tmp_path / "twemoji"
     (dst / "images").mkdir(parents=True)
     rows = []

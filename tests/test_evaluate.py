@@ -127,7 +127,8 @@ def test_mlflow_shows_the_evaluation_on_the_training_run_and_a_child(evaluated):
     assert parent.data.tags["eval.sampler"] == "euler"
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "eval/fid")][-1] == 4
     images = {a.path for a in client.list_artifacts(parent.info.run_id, "images")}
-    assert any("eval#samples" in p or "eval/samples" in p or "samples" in p for p in images), images
+    assert any("eval~samples+step+4+" in p for p in images), images  # the evaluation's grid, by step
+    assert any(p.startswith("images/samples+step+2+") for p in images), images  # the in-run grids
     child = client.get_run(summary["mlflow_run_id"])
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert child.data.params["steps"] == "3" and child.data.params["fid.reference_split"] == "val"

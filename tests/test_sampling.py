@@ -115,3 +115,13 @@ def test_samplers_check_the_objective_and_agree_with_the_config_table():
         resolve_sampler("ddim", "rectified_flow")
     with pytest.raises(ConfigError, match="one of euler"):
         resolve_sampler("plms", "ddpm")
+
+
+def test_reduced_precision_sampling_runs_under_autocast_and_stays_close():
+    """evaluate.dtype=bfloat16 (the GPU default) runs the model under autocast; results stay near fp32's."""
+    model, c = tiny_model(), cond()
+    sched = build_scheduler("euler", "rectified_flow")
+    full = sample(model, sched, c, EMPTY, [0, 1, 2], (4, 4, 4), steps=3, guidance_scale=2.0)
+    half = sample(model, sched, c, EMPTY, [0, 1, 2], (4, 4, 4), steps=3, guidance_scale=2.0, dtype=torch.bfloat16)
+    assert half.dtype == torch.float32 and not torch.equal(half, full)
+    assert (half - full).abs().max() < 0.1 * full.abs().max()
