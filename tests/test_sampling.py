@@ -83,6 +83,45 @@ def test_ddim_follows_the_deterministic_ddim_update():
     torch.testing.assert_close(out, x, atol=1e-4, rtol=1e-4)
 
 
+def test_heun_follows_the_predictor_corrector_update():
+    """Flow-matching Heun: Euler predictor, trapezoid corrector; the last step (to sigma 0) is plain Euler."""
+    model, c = tiny_model(), cond()
+    out = sample(model, build_scheduler("heun", "rectified_flow"), c, EMPTY, [0, 1, 2], (4, 4, 4), steps=4,
+                 guidance_scale=1.0)
+    x = torch.stack([torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(s)) for s in (0, 1, 2)])
+    sigmas = torch.cat([torch.linspace(1.0, 1 / 1000, 4), torch.zeros(1)])
+
+    def v(x, s):
+        return model(x, (s * 1000).expand(3), c.emb, c.mask.long(), c.pooled)
+
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            d1, dt = v(x, s), s_next - s
+            x = x + dt * d1 if s_next == 0 else x + dt * (d1 + v(x + dt * d1, s_next)) / 2
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-4)
+
+
+def test_ddpm_follows_the_ancestral_posterior_with_per_image_noise():
+    """DDPM: x_prev = posterior mean + sqrt(beta~) z, z drawn from each image's own step-noise generator."""
+    model, c = tiny_model("dit"), cond()
+    seeds = [0, 1, 2]
+    out = sample(model, build_scheduler("ddpm", "ddpm"), c, EMPTY, seeds, (4, 4, 4), steps=5, guidance_scale=1.0)
+    ab = build_objective("ddpm").scheduler.alphas_cumprod
+    ts = [999, 799, 599, 399, 199]
+    x = torch.stack([torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    gens = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            a_t, a_prev = ab[t], ab[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+            beta = 1 - a_t / a_prev
+            eps = model(x, torch.full((3,), t), c.emb, c.mask.long(), c.pooled)
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            mean = a_prev.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * x
+            z = torch.cat([torch.randn(1, 4, 4, 4, generator=g) for g in gens])
+            x = mean + ((1 - a_prev) / (1 - a_t) * beta).clamp_min(1e-20).sqrt() * z
+    torch.testing.assert_close(out, x, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_an_image_depends_on_its_seed_and_prompt_not_its_batch(name):
     objective = SAMPLERS[name].objective
