@@ -37,6 +37,7 @@ from ditpipe.generate import Drawer, load_drawer
 from ditpipe.grids import caption_grid
 from ditpipe.io import cache_key, read_json, read_jsonl, sha256_file, staged_dir, write_json
 from ditpipe.loader import empty_caption, load_index, make_loader
+from ditpipe.models import RunInfo
 from ditpipe.sampling import Conditioning, resolve_sampler
 
 FEATURES_PROTOCOL = "inception/v1: uint8 RGB, bilinear resize to 299x299, (x - 128) / 128, 2048-d pool features"
@@ -178,6 +179,16 @@ def training_curves(train_dir: Path, flops_per_step: float) -> tuple[list[dict],
     return rows("metrics.jsonl", ("loss",)), evals
 
 
+def training_figures(train_dir: Path, info: RunInfo) -> dict:
+    """What the run cost: parameters, forward GFLOPs per image (multiply-accumulates, the DiT paper's unit),
+    training FLOPs, median training images/s and the training loop's wall time."""
+    path = train_dir / "metrics.jsonl"
+    rates = sorted(r["images_per_s"] for r in read_jsonl(path) if r.get("images_per_s")) if path.exists() else []
+    return {"parameters": info.parameters, "gflops_per_image": info.flops_per_image / 6e9,
+            "train_flops": info.step * info.batch_size * info.flops_per_image,
+            "images_per_s": rates[len(rates) // 2] if rates else None, "train_seconds": info.train_seconds}
+
+
 def plot_png(path: Path, loss: list[dict], evals: list[dict], sweep: list[dict]) -> None:
     """Loss and in-run metrics vs step, and metrics vs guidance scale, for people (DVC gets the JSON)."""
     import matplotlib
@@ -302,7 +313,7 @@ def run(cfg: EvaluateConfig, track: TrackingConfig, train_dir: str | Path, shard
         "step": info.step, "n": len(images), "fid": headline.get("fid"), "kid": headline.get("kid"),
         "kid_std": headline.get("kid_std"), "clip_score": headline["clip_score"],
         "accuracy": headline["accuracy"], "accuracy_real": judge_real, "accuracy_vae": judge_vae,
-        "notes": _notes(cfg, headline, reference),
+        "train": training_figures(Path(train_dir), info), "notes": _notes(cfg, headline, reference),
     }
     grid = caption_grid(images[: cfg.grid_size], texts[: cfg.grid_size],
                         title=f"step {info.step} | {sampler} {cfg.steps} steps | cfg {cfg.guidance_scale}")

@@ -411,6 +411,7 @@ class RunInfo:
     mlflow_run_id: str | None = None
     flops_per_image: float = 0.0  # training FLOPs per image (forward + backward)
     batch_size: int = 0  # global batch size (all processes)
+    train_seconds: float = 0.0  # wall time of the training loop, in-run evaluations included, over all resumes
 
     def write(self, final_dir: str | Path) -> None:
         from ditpipe.io import write_json

@@ -16,9 +16,11 @@ class Preset:
     unet_channels: tuple[int, ...]
 
 
-# DiT's S/B/L/XL, plus two for CPUs: XS (about 4M parameters with cross-attention) and T (tests).
+# DiT's S/B/L/XL, plus three for CPUs: XS (about 4M parameters with cross-attention), XXS (about 1.3M, the small
+# end of `ditpipe compare` on a CPU) and T (tests).
 PRESETS: dict[str, Preset] = {
     "T": Preset(2, 32, 2, (32, 32)),
+    "XXS": Preset(4, 128, 4, (32, 64)),
     "XS": Preset(6, 192, 3, (64, 128)),
     "S": Preset(12, 384, 6, (128, 256, 256)),
     "B": Preset(12, 768, 12, (192, 384, 768)),

@@ -93,13 +93,22 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id, "FINISHED")
 
 
+def sqlite_artifacts(uri: str) -> str | None:
+    """``mlruns/`` beside the database of a ``sqlite:///`` URI, as a file URI; None for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return ((db if db.is_absolute() else Path.cwd() / db).resolve().parent / "mlruns").as_uri()
+
+
 def experiment_id(client, name: str, uri: str) -> str:
     """The experiment's id, created when missing."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    # SQLite clients put artifacts in a relative ./mlruns unless told otherwise: make it absolute.
-    location = (Path.cwd() / "mlruns").resolve().as_uri() if uri.startswith("sqlite") else None
+    # SQLite clients put artifacts in a relative ./mlruns unless told otherwise: put them beside the database
+    # file, so a run started elsewhere (a DVC experiment's temporary copy of the repo) still lands there.
+    location = sqlite_artifacts(uri)
     return client.create_experiment(name, artifact_location=location)
 
 

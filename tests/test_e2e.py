@@ -78,6 +78,7 @@ def test_dvc_repro_shapes_then_exp_run_on_twemoji(repo, twemoji_subset):
     assert "Running stage 'train'" in out and "resumed from step 6" in out
     assert "Running stage 'evaluate'" in out and "Running stage 'prepare'" not in out
     check_experiments_compare(repo)
+    check_compare_command(repo)
 
     # real RGBA images from an imagefolder, by override, as a DVC experiment
     out = sh(["dvc", "exp", "run", "-S", f"data.source={twemoji_subset}", "-S", "data.val_fraction=0.2"], repo)
@@ -119,6 +120,34 @@ def check_experiments_compare(repo: Path) -> None:
     fid_col = next(c for c in rows[0] if c.endswith("fid"))
     steps = {r["train.steps"]: r[fid_col] for r in rows if r.get(fid_col)}
     assert {"6", "8"} <= set(steps), rows
+
+
+def check_compare_command(repo: Path) -> None:
+    """`ditpipe compare` queues one DVC experiment per arch, runs them on the cached shards, and tabulates."""
+    out = sh(["ditpipe", "compare", "--arch", "dit", "--arch", "unet", "--size", "T/2", "--set", "train.steps=4",
+              "--out", "cmp"], repo)
+    assert "Running stage 'prepare'" not in out and "Running stage 'train'" in out  # data stages came from cache
+    table = (repo / "cmp/compare.md").read_text()
+    rows = json.loads((repo / "cmp/compare.json").read_text())["rows"]
+    assert [r["experiment"] for r in rows] == ["cmp-dit-t-2-rf", "cmp-unet-t-2-rf"]
+    for r in rows:
+        assert r["ok"] and r["step"] == 4 and r["fid"] > 0 and r["params_m"] > 0 and r["gflops"] > 0
+        assert r["train_seconds"] > 0 and r["images_per_s"] > 0 and 0 <= r["color"] <= 1
+        assert f"| {r['experiment']} | {r['arch']} | T/2 |" in table
+    assert rows[0]["params_m"] != rows[1]["params_m"]
+    assert (repo / "cmp/compare.png").stat().st_size > 10_000
+    # the experiments ran in DVC's temporary copies, yet their MLflow runs are in the workspace's database
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("ditpipe")
+    runs = client.search_runs([exp.experiment_id], "params.`train.steps` = '4'")
+    archs = {r.data.params.get("model.arch") for r in runs}
+    assert archs == {"dit", "unet"}
+    # redrawing the table reads the finished experiments back without running anything
+    again = sh(["ditpipe", "compare", "--arch", "dit", "--arch", "unet", "--size", "T/2", "--no-run", "--out", "cmp2"],
+               repo)
+    assert "Running stage" not in again and (repo / "cmp2/compare.md").read_text() == table
 
 
 def check_mlflow_run(repo: Path, index_sha: str) -> None:
