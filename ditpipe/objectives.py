@@ -59,7 +59,8 @@ class RectifiedFlow:
 OBJECTIVES: dict[str, Callable[[], DDPM | RectifiedFlow]] = {"ddpm": DDPM, "rectified_flow": RectifiedFlow}
 
 
-def build_objective(name: str) -> DDPM | RectifiedFlow:
+def build_objective(name: str, logit_mean: float = 0.0, logit_std: float = 1.0) -> DDPM | RectifiedFlow:
+    """The objective ``name``; ``logit_mean``/``logit_std`` place rectified flow's training timesteps."""
     if name not in OBJECTIVES:
         raise ConfigError(f"train.objective must be one of {', '.join(OBJECTIVES)}; got {name!r}")
-    return OBJECTIVES[name]()
+    return RectifiedFlow(logit_mean, logit_std) if name == "rectified_flow" else OBJECTIVES[name]()

@@ -4,7 +4,8 @@
 one on the prepared train images. Either way the stage writes a diffusers folder
 (``save_pretrained``) whose config carries the latent ``scaling_factor`` (the VAE's own, the one
 given in params, or 1/std measured on the train latents), a ``report.json`` with reconstruction PSNR
-on val, and ``recon.png`` (originals above, reconstructions below).
+on val (and, for ``builtin:shapes`` captions, the judge's scores of the val reconstructions: the ceiling
+the VAE sets on every sample), and ``recon.png`` (originals above, reconstructions below).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ditpipe.autoencoder import PreparedImages, downsample_factor, load_vae, to_image
+from ditpipe import judge
+from ditpipe.autoencoder import PreparedImages, downsample_factor, load_vae, reconstruct, to_image
 from ditpipe.config import VaeConfig
 from ditpipe.errors import DitpipeError
 from ditpipe.io import read_json, resolve_device, staged_dir, state_dict_hash, write_json
@@ -40,6 +42,7 @@ def build_vae(cfg: VaeConfig, resolution: int) -> AutoencoderKL:
         latent_channels=cfg.latent_channels,
         norm_num_groups=groups,
         sample_size=resolution,
+        mid_block_add_attention=cfg.mid_attention,
     )
 
 
@@ -115,6 +118,17 @@ def recon_grid(vae: AutoencoderKL, images: torch.Tensor, device: torch.device) -
     return grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
 
 
+def judged_reconstructions(vae: AutoencoderKL, images: PreparedImages) -> dict | None:
+    """The judge's scores of ``images`` after a trip through the VAE; None when the captions are not shapes ones."""
+    captions = [r["caption"] for r in images.rows]
+    if not judge.applicable(captions):
+        return None
+    loader = DataLoader(images, batch_size=64)
+    recon = torch.cat([reconstruct(vae, x) for x in loader])
+    scores = judge.score(map(to_image, recon), captions)
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in scores.items()}
+
+
 def run(cfg: VaeConfig, prepared: str | Path, out_dir: str | Path) -> dict:
     """Load or train the VAE, measure it, and write the diffusers folder to ``out_dir``."""
     t0 = time.perf_counter()
@@ -149,12 +163,14 @@ def run(cfg: VaeConfig, prepared: str | Path, out_dir: str | Path) -> dict:
         vae.register_to_config(scaling_factor=measure_scaling_factor(vae, plain, device))
         how = "measured 1/std"
     quality = psnr(vae, eval_loader, device)
+    judged = judged_reconstructions(vae, eval_set)
     grid = recon_grid(vae, torch.stack([eval_set[i] for i in range(min(8, len(eval_set)))]), device)
     vae = vae.to("cpu", torch.float32)
     report = {
         "source": cfg.pretrained or "trained",
         "psnr_db": round(quality, 3),
         "psnr_split": "val" if len(val) else "train",
+        "judged": judged,
         "scaling_factor": float(vae.config.scaling_factor),
         "scaling_factor_from": how,
         "shift_factor": getattr(vae.config, "shift_factor", None),
@@ -175,7 +191,9 @@ def run(cfg: VaeConfig, prepared: str | Path, out_dir: str | Path) -> dict:
 
 
 def summary_line(s: dict) -> str:
+    j = s.get("judged")
+    judged = (f"judged reconstructions colour {j['color']:.0%} shape {j['shape']:.0%}, " if j else "")
     sf = f"scaling factor {s['scaling_factor']:.4f} ({s['scaling_factor_from']})"
     return (f"vae: {s['source']} AutoencoderKL, {s['parameters'] / 1e6:.2f}M params, /{s['downsample']} to "
             f"{s['latent_channels']}x{s['latent_size']}x{s['latent_size']} latents, {s['psnr_split']} PSNR "
-            f"{s['psnr_db']:.2f} dB, {sf} in {s['seconds']}s -> {s['out']}")
+            f"{s['psnr_db']:.2f} dB, {judged}{sf} in {s['seconds']}s -> {s['out']}")

@@ -34,3 +34,20 @@ def test_rectified_flow_straight_path_and_velocity():
 def test_unknown_objective():
     with pytest.raises(ConfigError, match="train.objective must be one of ddpm, rectified_flow"):
         build_objective("edm")
+
+
+def test_rectified_flow_timesteps_follow_the_logit_normal_params():
+    """train.logit_mean moves training toward noisier (> 0) or cleaner (< 0) steps; the median is sigmoid(mean)."""
+    g = torch.Generator().manual_seed(0)
+    for mean in (-1.0, 0.0, 1.0):
+        t = build_objective("rectified_flow", logit_mean=mean, logit_std=0.5).sample_t(20_000, g) / 1000
+        assert t.median().item() == pytest.approx(torch.sigmoid(torch.tensor(mean)).item(), abs=0.01)
+        assert 0 < t.min() and t.max() < 1
+    assert isinstance(build_objective("ddpm", logit_mean=3.0), DDPM)  # the DDPM objective has its own schedule
+
+
+def test_logit_std_must_be_positive():
+    from ditpipe.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="train.logit_std must be > 0, got 0"):
+        TrainConfig(logit_std=0)
