@@ -184,6 +184,10 @@ class TrainConfig:
                             "steps more, where layout and colour are decided)")
     logit_std: float = opt(1.0, "rectified_flow: spread of the logit-normal training timesteps (SD3: 0, 1)")
     warmup_steps: int = opt(50, "linear learning-rate warm-up steps")
+    lr_schedule: Literal["constant", "cosine"] = opt("constant", "after warm-up: constant, or cosine decay to "
+                                                    "lr_min_ratio x lr at train.steps (raising steps later "
+                                                    "stretches the curve)")
+    lr_min_ratio: float = opt(0.1, "cosine schedule: the learning rate at the last step, as a fraction of the peak")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = off)")
     ema_decay: float = opt(0.9999, "EMA decay, reached gradually (warm-up) so short runs still get a usable EMA")
@@ -218,6 +222,7 @@ class TrainConfig:
         if self.logit_std <= 0:
             raise ConfigError(f"train.logit_std must be > 0, got {self.logit_std}")
         _check_range("train.ema_decay", self.ema_decay, 0.0, 1.0)
+        _check_range("train.lr_min_ratio", self.lr_min_ratio, 0.0, 1.0)
         _check_range("train.caption_dropout", self.caption_dropout, 0.0, 1.0)
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ConfigError(f"train.flip_prob must be in [0, 1], got {self.flip_prob}")

@@ -13,7 +13,7 @@ from ditpipe.config import ModelConfig, TrackingConfig, TrainConfig, load_config
 from ditpipe.io import read_jsonl
 from ditpipe.loader import empty_caption, make_loader
 from ditpipe.models import build_model, load_denoiser
-from ditpipe.train import checkpoints, make_batch, run
+from ditpipe.train import checkpoints, lr_factor, make_batch, run
 from tests.conftest import REPO
 
 NO_TRACKING = TrackingConfig(enabled=False)
@@ -229,3 +229,14 @@ def test_compiled_checkpointed_run_resumes_uncompiled(tiny_shards, tmp_path):
     assert all(k.startswith("inner.") for k in keys)
     s = train(tiny_shards, tmp_path / "run", arch="dit", steps=3)
     assert s["resumed_from"] == 2 and s["trained"] == 1
+
+
+def test_lr_schedules():
+    """Warm-up, then constant; or warm-up, then a cosine that ends at lr_min_ratio of the peak on the last step."""
+    const = TrainConfig(steps=100, warmup_steps=10)
+    assert [lr_factor(s, const) for s in (0, 4, 9, 50, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    cos = TrainConfig(steps=100, warmup_steps=10, lr_schedule="cosine", lr_min_ratio=0.1)
+    curve = [lr_factor(s, cos) for s in range(100)]
+    assert curve[:10] == [lr_factor(s, const) for s in range(10)]
+    assert curve[10] == 1.0 and curve[55] == pytest.approx(0.55) and lr_factor(100, cos) == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(curve[10:], curve[11:]))
