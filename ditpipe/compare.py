@@ -142,23 +142,31 @@ def _dvc(args: list[str], cwd: Path, env: dict, capture: bool = False) -> str:
 
 
 def follow(name: str, cwd: Path, env: dict, poll: float = 2.0) -> None:
-    """Stream an experiment's log (``dvc queue logs -f``) once a queue worker has started it."""
+    """Stream an experiment's log (``dvc queue logs -f``) once a queue worker has started it.
+
+    Between leaving the queue and running, DVC answers "not started" or "not a valid queued experiment":
+    ask again until it streams, or until the experiment has finished without a log to show.
+    """
     while True:
         done = subprocess.run([_dvc_exe(), "queue", "logs", "-f", name], cwd=cwd, env=env, text=True,
                               stderr=subprocess.PIPE)
-        if "has not been started" not in done.stderr:
+        if done.returncode == 0 or _states(cwd, env).get(name) not in ("queued", "running"):
             sys.stderr.write(done.stderr)
             return
         time.sleep(poll)
+
+
+def _states(cwd: Path, env: dict) -> dict[str, str | None]:
+    """{experiment name: its executor state (queued, running, success, failed)} from ``dvc exp show``."""
+    show = json.loads(_dvc(["exp", "show", "--json"], cwd, env, capture=True) or "[]")
+    return {e.get("name"): (e.get("executor") or {}).get("state") for b in show for e in b.get("experiments") or []}
 
 
 def wait_done(names: list[str], cwd: Path, env: dict, poll: float = 2.0, timeout: float = 600.0) -> None:
     """Wait until DVC has collected every experiment's result (its task left the queue)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        show = json.loads(_dvc(["exp", "show", "--json"], cwd, env, capture=True) or "[]")
-        states = {e.get("name"): (e.get("executor") or {}).get("state") for b in show
-                  for e in b.get("experiments") or []}
+        states = _states(cwd, env)
         if all(states.get(n) not in ("queued", "running") for n in names):
             return
         time.sleep(poll)
