@@ -77,7 +77,7 @@ def tiny_shards(tmp_path_factory, tiny_text_encoder) -> Path:
 
     p = tmp_path_factory.mktemp("pipeline")
     prepare(DataConfig(count=60, resolution=16, val_fraction=0.2), p / "prepared")
-    vae(VaeConfig(block_out_channels=(8, 16), steps=2, batch_size=8), p / "prepared", p / "vae")
+    vae(VaeConfig(block_out_channels=(8, 16), latent_channels=4, steps=2, batch_size=8), p / "prepared", p / "vae")
     latents(LatentsConfig(flip=True), p / "prepared", p / "vae", p / "latents")
     text(TextConfig(encoder=str(tiny_text_encoder), max_length=8), p / "prepared", p / "text")
     shards(ShardsConfig(max_samples=7), p / "prepared", p / "latents", p / "text", p / "shards")

@@ -189,8 +189,8 @@ def test_evaluate_refuses_a_vae_the_run_was_not_trained_with(evaluated, tiny_sha
     from ditpipe.vae import run as make_vae
 
     root = evaluated[0]
-    make_vae(VaeConfig(block_out_channels=(8, 16), steps=1, batch_size=8, seed=5), tiny_shards / "prepared",
-             tmp_path / "other-vae")
+    make_vae(VaeConfig(block_out_channels=(8, 16), latent_channels=4, steps=1, batch_size=8, seed=5),
+             tiny_shards / "prepared", tmp_path / "other-vae")
     with pytest.raises(DitpipeError, match="not the one this run's latents were encoded with"):
         evaluate(FAST, TrackingConfig(enabled=False), root / "run", tiny_shards / "shards", tmp_path / "other-vae",
                  tiny_shards / "prepared", tmp_path / "ref", tmp_path / "ev", tmp_path / "m.json", tmp_path / "pl")

@@ -17,7 +17,7 @@ from ditpipe.vae import build_vae
 from ditpipe.vae import run as make_vae
 from tests.conftest import REPO
 
-TINY = VaeConfig(block_out_channels=(8, 16), steps=2, batch_size=8)
+TINY = VaeConfig(block_out_channels=(8, 16), latent_channels=4, steps=2, batch_size=8)
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def upstream(tmp_path):
 
 
 def test_encode_batch_shapes_and_flip():
-    vae = build_vae(VaeConfig(block_out_channels=(8, 16)), 16).eval()
+    vae = build_vae(VaeConfig(block_out_channels=(8, 16), latent_channels=4), 16).eval()
     x = torch.rand(3, 3, 16, 16) * 2 - 1
     out = encode_batch(vae, x, flip=True)
     assert set(out) == {"mean", "logvar", "mean_flip", "logvar_flip"}
@@ -46,7 +46,8 @@ def test_rerun_encodes_nothing_and_new_vae_reencodes_all(upstream):
     assert again["encoded"] == 0 and again["cached"] == 40
     index = read_json(p / "latents" / "index.json")
     assert len(index["samples"]) == 40 and index["latent_shape"] == [4, 8, 8]
-    make_vae(VaeConfig(block_out_channels=(8, 16), steps=2, batch_size=8, seed=1), p / "prepared", p / "vae")
+    other = VaeConfig(block_out_channels=(8, 16), latent_channels=4, steps=2, batch_size=8, seed=1)
+    make_vae(other, p / "prepared", p / "vae")
     new = run(cfg, p / "prepared", p / "vae", p / "latents")
     assert new["encoded"] == 40 and new["pruned"] == 40
     assert read_json(p / "latents" / "index.json")["vae_identity"] != index["vae_identity"]

@@ -233,7 +233,7 @@ def test_compiled_checkpointed_run_resumes_uncompiled(tiny_shards, tmp_path):
 
 def test_lr_schedules():
     """Warm-up, then constant; or warm-up, then a cosine that ends at lr_min_ratio of the peak on the last step."""
-    const = TrainConfig(steps=100, warmup_steps=10)
+    const = TrainConfig(steps=100, warmup_steps=10, lr_schedule="constant")
     assert [lr_factor(s, const) for s in (0, 4, 9, 50, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0]
     cos = TrainConfig(steps=100, warmup_steps=10, lr_schedule="cosine", lr_min_ratio=0.1)
     curve = [lr_factor(s, cos) for s in range(100)]
