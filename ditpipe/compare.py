@@ -150,15 +150,35 @@ def follow(name: str, cwd: Path, env: dict, poll: float = 2.0) -> None:
     while True:
         done = subprocess.run([_dvc_exe(), "queue", "logs", "-f", name], cwd=cwd, env=env, text=True,
                               stderr=subprocess.PIPE)
-        if done.returncode == 0 or _states(cwd, env).get(name) not in ("queued", "running"):
+        states = _states(cwd, env) if done.returncode else {}
+        if done.returncode == 0 or (states is not None and states.get(name) not in ("queued", "running")):
             sys.stderr.write(done.stderr)
             return
         time.sleep(poll)
 
 
-def _states(cwd: Path, env: dict) -> dict[str, str | None]:
-    """{experiment name: its executor state (queued, running, success, failed)} from ``dvc exp show``."""
-    show = json.loads(_dvc(["exp", "show", "--json"], cwd, env, capture=True) or "[]")
+def _show(cwd: Path, env: dict) -> list[dict] | None:
+    """``dvc exp show --json``, or None when DVC cannot answer right now (it fails while a queue worker is
+    setting up an experiment's temporary copy)."""
+    done = subprocess.run([_dvc_exe(), "exp", "show", "--json"], cwd=cwd, env=env, text=True, capture_output=True)
+    return None if done.returncode else json.loads(done.stdout or "[]")
+
+
+def show_experiments(cwd: Path, env: dict, tries: int = 10, poll: float = 2.0) -> list[dict]:
+    """``dvc exp show --json``, asked again while DVC is busy; a clear error if it never answers."""
+    for _ in range(tries):
+        show = _show(cwd, env)
+        if show is not None:
+            return show
+        time.sleep(poll)
+    return json.loads(_dvc(["exp", "show", "--json"], cwd, env, capture=True) or "[]")  # DVC's error if it fails
+
+
+def _states(cwd: Path, env: dict) -> dict[str, str | None] | None:
+    """{experiment name: its executor state (queued, running, success, failed)}, or None while DVC is busy."""
+    show = _show(cwd, env)
+    if show is None:
+        return None
     return {e.get("name"): (e.get("executor") or {}).get("state") for b in show for e in b.get("experiments") or []}
 
 
@@ -167,7 +187,7 @@ def wait_done(names: list[str], cwd: Path, env: dict, poll: float = 2.0, timeout
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         states = _states(cwd, env)
-        if all(states.get(n) not in ("queued", "running") for n in names):
+        if states is not None and all(states.get(n) not in ("queued", "running") for n in names):
             return
         time.sleep(poll)
     raise DitpipeError(f"experiments {names} still queued or running after {timeout:.0f}s: see `dvc queue status`")
@@ -222,7 +242,7 @@ def run(experiments: list[Experiment], overrides: list[str], out_dir: str | Path
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     if execute:
-        existing = experiments_of(json.loads(_dvc(["exp", "show", "--json"], repo, env, capture=True) or "[]"))
+        existing = experiments_of(show_experiments(repo, env))
         stale = [e.name for e in experiments if e.name in existing]
         if stale:
             _dvc(["exp", "remove", *stale], repo, env)
@@ -233,7 +253,7 @@ def run(experiments: list[Experiment], overrides: list[str], out_dir: str | Path
         for e in experiments:
             follow(e.name, repo, env)
         wait_done([e.name for e in experiments], repo, env)
-    found = experiments_of(json.loads(_dvc(["exp", "show", "--json"], repo, env, capture=True) or "[]"))
+    found = experiments_of(show_experiments(repo, env))
     rows = [row(e, found.get(e.name)) for e in experiments]
     series = {r["experiment"]: curves(r["rev"], _get(found.get(r["experiment"], {}).get("params", {}),
                                                       "paths.plots") or "artifacts/plots", repo)

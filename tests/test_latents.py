@@ -65,7 +65,7 @@ def test_kill_9_then_resume(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
         "data": {"count": 1500, "resolution": 16},
-        "vae": {"block_out_channels": [8, 16], "steps": 1, "batch_size": 4},
+        "vae": {"block_out_channels": [8, 16], "latent_channels": 4, "steps": 1, "batch_size": 4},
         "latents": {"batch_size": 1},
     }))
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
