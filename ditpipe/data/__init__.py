@@ -1,0 +1,1 @@
+"""Reading datasets: source readers, image normalisation, and the procedural ``builtin:shapes``."""
