@@ -279,6 +279,7 @@ def run(cfg: EvaluateConfig, track: TrackingConfig, train_dir: str | Path, shard
     t_sample = time.perf_counter() - t_sample
 
     backbone, reference = None, None
+    Path(reference_dir).mkdir(parents=True, exist_ok=True)  # a declared output even when FID is off or impossible
     if cfg.fid:
         from ditpipe.backbones import load_inception
 

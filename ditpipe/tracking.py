@@ -48,6 +48,18 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def origin_tags() -> dict[str, str]:
+    """Where a run came from: the git commit, and the DVC experiment and Prefect flow run that started it."""
+    tags = {}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    for tag, var in (("dvc.experiment", "DVC_EXP_NAME"), ("prefect.flow_run_id", "DITPIPE_FLOW_RUN_ID")):
+        if os.environ.get(var):
+            tags[tag] = os.environ[var]
+    return tags
+
+
 def dvc_lock_tags(path: Path = Path("dvc.lock")) -> dict[str, str]:
     """``dvc.<stage>.md5``: the hash DVC locked for each data stage's output."""
     if not path.exists():
@@ -132,10 +144,7 @@ def start(cfg: TrackingConfig, run_dir: Path, resolved: dict, index_hash: str, r
             log.warning("MLflow run %s not found at %s; starting a new one", run_id, uri)
     exp_id = experiment_id(client, cfg.experiment, uri)
     tags = {"ditpipe.shards_index_sha256": index_hash, "ditpipe.run_dir": str(run_dir.resolve()),
-            **dvc_lock_tags()}
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
+            **dvc_lock_tags(), **origin_tags()}
     run = client.create_run(exp_id, run_name=cfg.run_name or default_name, tags=tags)
     params = [Param(k, v[:6000]) for k, v in flatten(resolved).items()]
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
@@ -174,10 +183,7 @@ def log_evaluation(cfg: TrackingConfig, train_run_id: str | None, step: int, met
         exp_id = parent.info.experiment_id
     else:
         exp_id = experiment_id(client, cfg.experiment, uri)
-    tags = {"mlflow.parentRunId": train_run_id} if parent is not None else {}
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
+    tags = {**({"mlflow.parentRunId": train_run_id} if parent is not None else {}), **origin_tags()}
     child = client.create_run(exp_id, run_name=f"evaluate-step-{step}", tags=tags).info.run_id
     params = [Param(k, v[:6000]) for k, v in flatten(protocol).items()]
     for i in range(0, len(params), 100):

@@ -209,6 +209,7 @@ def test_clip_score_by_local_path_and_more_samples_than_prompts(evaluated, tiny_
     rows = [json.loads(line) for line in (tmp_path / "ev/samples/metadata.jsonl").read_text().splitlines()]
     assert rows[-1]["text"] == rows[1]["text"] and rows[-1]["seed"] != rows[1]["seed"]  # prompts cycle, seeds do not
     assert not (tmp_path / "ev/sweep.png").exists()
+    assert (tmp_path / "ref").is_dir()  # DVC's declared output exists even without FID (else `dvc repro` fails)
 
 
 def test_sample_plan_cycles_prompts_with_new_seeds():

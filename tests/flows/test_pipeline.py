@@ -1,7 +1,9 @@
-"""The Prefect path, for real: a Prefect server, the served deployment, `prefect deployment run`, and
-an MLflow tracking server receiving the training run."""
+"""The Prefect path, for real: `flows.local up` (server, process work pool, worker, prefect.yaml deployment),
+`prefect deployment run`, DVC agreeing with what the flow did, and an MLflow tracking server."""
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ditpipe.stages import ORDER
 from tests.test_e2e import check_shards, repo  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -38,75 +41,111 @@ def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = N
 
 @pytest.fixture
 def prefect_env(tmp_path):
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    """A Prefect home of its own and an MLflow tracking server, both on 127.0.0.1."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_UI_ENABLED": "false", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     mlflow_port = free_port()
     env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    log = open(tmp_path / "mlflow.log", "w")
     mlflow = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
                                str(mlflow_port), "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                                "--artifacts-destination", str(tmp_path / "mlartifacts"), "--workers", "1"],
                               env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).status == 200,
-                 120, "prefect server", server)
         wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=2).status == 200,
                  120, "mlflow server", mlflow)
         yield env
     finally:
-        for proc in (server, mlflow):
-            proc.terminate()
-            proc.wait(30)
+        mlflow.terminate()
+        mlflow.wait(30)
         log.close()
 
 
-def test_deployment_run_through_server_and_served_flow(repo, prefect_env):  # noqa: F811
-    serve_log = open(repo / "serve.log", "w")
-    serve = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=repo, env=prefect_env, stdout=serve_log,
-                             stderr=subprocess.STDOUT)
-    try:
-        def deployed() -> bool:
-            return subprocess.run([sys.executable, "-m", "prefect", "deployment", "inspect", "dit-pipeline/default"],
-                                  env=prefect_env, capture_output=True).returncode == 0
+def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 700) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    logs = "".join(f"\n--- {p.name}\n{p.read_text()[-6000:]}" for p in sorted((cwd / ".prefect-local").glob("*.log")))
+    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout}\n{proc.stderr}{logs}"
+    return proc.stdout + proc.stderr
 
-        wait_for(deployed, 120, "the served deployment", serve)
-        proc = subprocess.run(
-            [sys.executable, "-m", "prefect", "deployment", "run", "dit-pipeline/default", "--watch",
-             "--watch-timeout", "600", "--param",
-             'overrides=["data.count=32", "train.steps=4", "train.batch_size=8", "tracking.experiment=prefect"]'],
-            env=prefect_env, capture_output=True, text=True, timeout=700)
-        assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{(repo / 'serve.log').read_text()}"
-        assert "Completed" in proc.stdout
+
+def deployment_run(cwd: Path, env: dict, overrides: list[str]) -> str:
+    """``prefect deployment run`` as the README says; returns the flow's closing line from the worker log."""
+    log = cwd / ".prefect-local/worker.log"
+    before = log.read_text().count(" - stages ")
+    out = run([sys.executable, "-m", "prefect", "deployment", "run", "dit-pipeline/default", "--watch",
+               "--watch-timeout", "600", "--param", f"overrides={json.dumps(overrides)}"], cwd, env)
+    assert "Completed" in out
+    lines = [line for line in log.read_text().splitlines() if " - stages " in line]
+    assert len(lines) == before + 1, lines
+    return lines[-1].split(" - stages ", 1)[1]
+
+
+def test_prefect_deployment_and_dvc_are_one_pipeline(repo, prefect_env):  # noqa: F811
+    """flows.local up; deployment runs through the worker; DVC agrees; only what changed reruns; down."""
+    port = free_port()
+    out = run([sys.executable, "-m", "flows.local", "up", "--port", str(port)], repo, prefect_env)
+    url = f"http://127.0.0.1:{port}/api"
+    assert f"export PREFECT_API_URL={url}" in out
+    env = {**prefect_env, "PREFECT_API_URL": url}
+    try:
+        # Flow runs execute in the folder `up` was run from (here the copy, never the checkout the test runs in).
+        inspect = run([sys.executable, "-m", "prefect", "deployment", "inspect", "dit-pipeline/default"], repo, env)
+        assert f"'{repo}'" in inspect and "'directory'" in inspect, inspect
+        tiny = ["data.count=32", "train.steps=4", "train.batch_size=8", "tracking.experiment=prefect"]
+        assert deployment_run(repo, env, tiny) == f"ran: {', '.join(ORDER)}"
         check_shards(repo, 32)
+        # DVC agrees: nothing is stale, `dvc repro` has nothing to do, and the run is a DVC experiment.
+        assert json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], repo, env)) == {}
+        assert "Data and pipelines are up to date" in run([sys.executable, "-m", "dvc", "repro"], repo, env)
+        shown = json.loads(run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, env))
+        exps = {r["name"]: r for c in shown for e in c.get("experiments") or [] for r in e["revs"] if r.get("name")}
+        (exp_name,) = [n for n in exps if n.startswith("prefect-")]
+        assert exps[exp_name]["data"]["params"]["params.yaml"]["data"]["data"]["count"] == 32
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=prefect_env["MLFLOW_TRACKING_URI"])
+        client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
         exp_id = client.get_experiment_by_name("prefect").experiment_id
-        (run,) = client.search_runs([exp_id], "tags.mlflow.parentRunId IS NULL")
-        assert run.info.status == "FINISHED" and run.data.params["train.steps"] == "4"
-        (evaluation,) = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
-        assert evaluation.info.status == "FINISHED"  # evaluate logged through the tracking server too
+        (train_run,) = client.search_runs([exp_id], "tags.mlflow.parentRunId IS NULL")
+        assert train_run.info.status == "FINISHED" and train_run.data.params["train.steps"] == "4"
+        assert train_run.data.tags["dvc.experiment"] == exp_name and train_run.data.tags["prefect.flow_run_id"]
+        (evaluation,) = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{train_run.info.run_id}'")
+        assert evaluation.info.status == "FINISHED" and evaluation.data.tags["dvc.experiment"] == exp_name
         assert (repo / "artifacts/export/model_index.json").exists()
-        assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/config.json"}
+
+        # The same params again: no stage works. Only a training param changed: train and what follows rerun.
+        assert deployment_run(repo, env, tiny) == f"up to date: {', '.join(ORDER)}"
+        assert deployment_run(repo, env, [*tiny[:1], "train.steps=5", *tiny[2:]]) == (
+            "ran: train, evaluate, export; up to date: prepare, vae, latents, text, shards")
+        assert json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], repo, env)) == {}
     finally:
-        serve.terminate()
-        serve.wait(30)
-        serve_log.close()
+        out = run([sys.executable, "-m", "flows.local", "down"], repo, prefect_env)
+    assert "stopped: worker, server" in out
+    assert not any((repo / ".prefect-local").glob("*.pid"))
 
 
-def test_bad_override_fails_the_flow_run_before_any_stage(tmp_path, monkeypatch):
+def test_bad_override_or_stage_fails_the_flow_before_anything_is_touched(tmp_path):
     from ditpipe.errors import ConfigError, DitpipeError
     from flows.pipeline import dit_pipeline
     from tests.conftest import REPO
 
-    monkeypatch.chdir(tmp_path)
+    params = (REPO / "params.yaml").read_bytes()
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     with pytest.raises(ConfigError, match="unknown key data.nope"):
-        dit_pipeline.fn(params=str(REPO / "params.yaml"), overrides=["data.nope=1"])
+        dit_pipeline.fn(overrides=["data.nope=1"], root=str(tmp_path))
     with pytest.raises(DitpipeError, match="unknown stage 'deploy'"):
-        dit_pipeline.fn(params=str(REPO / "params.yaml"), stages=["deploy"])
-    assert not (tmp_path / "artifacts").exists()
+        dit_pipeline.fn(stages=["deploy"], root=str(tmp_path))
+    assert (tmp_path / "params.yaml").read_bytes() == params
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_stage_outcome_and_failure_read_dvc_and_ditpipe_output():
+    from ditpipe.errors import DitpipeError
+    from flows.pipeline import RAN, RESTORED, UP_TO_DATE, StageFailed, failure, stage_outcome
+
+    assert stage_outcome("train", "Running stage 'train':\n> ditpipe train\ntrain: ...") == RAN
+    assert stage_outcome("vae", "Stage 'vae' is cached - skipping run, checking out outputs") == RESTORED
+    assert stage_outcome("vae", "Stage 'vae' didn't change, skipping") == UP_TO_DATE
+    err = failure("train", "Running stage 'train':\nditpipe train: error: train.lr must be > 0, got -1\nERROR: ...")
+    assert isinstance(err, DitpipeError) and str(err) == "train.lr must be > 0, got -1"
+    assert isinstance(failure("train", "Traceback ...\nOSError: disk full"), StageFailed)
