@@ -260,6 +260,7 @@ def run(cfg: EvaluateConfig, track: TrackingConfig, train_dir: str | Path, shard
         metrics_path: str | Path, plots_dir: str | Path) -> dict:
     """Sample, measure and write every output; log to MLflow; return a summary."""
     t0 = time.perf_counter()
+    tracking.check_reachable(track)
     train_dir, shards_dir, prepared = Path(train_dir), Path(shards_dir), Path(prepared)
     drawer = load_drawer(train_dir, vae_dir, cfg.device, cfg.dtype)
     info = drawer.info

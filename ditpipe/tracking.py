@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from ditpipe.config import TrackingConfig
+from ditpipe.errors import DitpipeError
 
 log = logging.getLogger(__name__)
 DATA_STAGES = ("prepare", "vae", "latents", "text", "shards")
@@ -113,15 +114,42 @@ def sqlite_artifacts(uri: str) -> str | None:
     return ((db if db.is_absolute() else Path.cwd() / db).resolve().parent / "mlruns").as_uri()
 
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview; with it, on the run list.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client, name: str, uri: str) -> str:
-    """The experiment's id, created when missing."""
+    """The experiment's id, created when missing; marked as model training so the UI opens on its runs."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if not any(exp.tags.get(k) for k in EXPERIMENT_KIND):
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     # SQLite clients put artifacts in a relative ./mlruns unless told otherwise: put them beside the database
     # file, so a run started elsewhere (a DVC experiment's temporary copy of the repo) still lands there.
     location = sqlite_artifacts(uri)
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+
+
+def check_reachable(cfg: TrackingConfig, timeout: float = 5.0) -> None:
+    """Fail at once, naming the URI, when tracking is on and its server does not answer (MLflow's own client
+    would retry for minutes and end in a traceback, after the stage's work)."""
+    uri = tracking_uri(cfg)
+    if not cfg.enabled or not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or an older server without /health): reachable
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DitpipeError(f"tracking.uri {uri} does not answer ({reason}): start the MLflow server, point "
+                           "tracking.uri (or MLFLOW_TRACKING_URI) at a running one, or set tracking.enabled=false"
+                           ) from None
 
 
 def start(cfg: TrackingConfig, run_dir: Path, resolved: dict, index_hash: str, run_id: str | None,

@@ -322,6 +322,7 @@ def run(model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_
         out_dir: str | Path, resolved: dict, vae_dir: str | Path | None = None) -> dict:
     """Train (or resume) into ``out_dir``; return a summary. ``vae_dir`` lets in-run evaluations draw images."""
     t_start = time.perf_counter()
+    tracking.check_reachable(track)  # before anything is touched
     shards_dir, run_dir = Path(shards_dir), Path(out_dir)
     index, index_hash = load_index(shards_dir), sha256_file(shards_dir / "index.json")
     acc = build_accelerator(cfg)

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from ditpipe.config import ModelConfig, TrackingConfig, TrainConfig, load_config, to_dict
+from ditpipe.errors import DitpipeError
 from ditpipe.io import read_jsonl
 from ditpipe.loader import empty_caption, make_loader
 from ditpipe.models import build_model, load_denoiser
@@ -184,6 +185,22 @@ def test_mlflow_run_tells_what_was_trained_on_what(tiny_shards, tmp_path, monkey
     artifacts = {a.path for a in client.list_artifacts(r.info.run_id, "model")}
     assert "model/config.json" in artifacts and "model/ditpipe.json" in artifacts
     assert (tmp_path / "mlruns").exists()  # artifacts at an absolute location, not wherever cwd was
+    exp = client.get_experiment_by_name("t")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the run list
+
+
+def test_unreachable_tracking_server_fails_at_once_naming_it(tiny_shards, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    with pytest.raises(DitpipeError, match=f"tracking.uri {uri} does not answer"):
+        run(ModelConfig(arch="dit", size="T/2"), TrainConfig(steps=2, batch_size=4), TrackingConfig(uri=uri),
+            tiny_shards / "shards", tmp_path / "run", {})
+    assert time.perf_counter() - t0 < 10 and not (tmp_path / "run").exists()  # before any work
 
 
 @pytest.mark.slow
