@@ -18,6 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 TWEMOJI = REPO / "tests" / "fixtures" / "twemoji"  # 40 real CC-BY 4.0 images, shipped (see its ATTRIBUTION.md)
 
 
+def committed(path: str) -> bytes:
+    """A file as committed at HEAD (what a fresh clone gets), whatever the user has edited since."""
+    return subprocess.run(["git", "show", f"HEAD:{path}"], cwd=REPO, capture_output=True, check=True).stdout
+
+
 @pytest.fixture
 def twemoji_subset(tmp_path: Path) -> Path:
     """A copy of the first 40 twemoji (images + metadata.jsonl), free to break."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, committed
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def repo(tmp_path) -> Path:
         if (REPO / f).exists() and f != "dvc.lock":
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, dst / f)
-    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params = yaml.safe_load(committed("params.yaml"))  # not the user's edits of it
     for section, values in FAST.items():
         params[section].update(values)
     params["data"]["count"] = 48

@@ -1,7 +1,6 @@
 """dvc.yaml and dvc.lock against the stage table and the code: the DVC pipeline cannot drift from what runs."""
 
 import hashlib
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,6 +8,7 @@ import yaml
 from ruamel.yaml import YAML
 
 from ditpipe.stages import ORDER, STAGES, code_deps
+from tests.conftest import committed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,11 +58,6 @@ def test_code_deps_see_imports_inside_functions(tmp_path, monkeypatch):
                                                    "ditpipe/sub/deep.py", "ditpipe/top.py")
     finally:
         stages.code_deps.cache_clear()
-
-
-def committed(path: str) -> bytes:
-    """The file as committed at HEAD (what a fresh clone gets)."""
-    return subprocess.run(["git", "show", f"HEAD:{path}"], cwd=ROOT, capture_output=True, check=True).stdout
 
 
 def test_committed_dvc_lock_matches_the_committed_code_and_params():
