@@ -1,11 +1,7 @@
-from pathlib import Path
-
 import pytest
 
 from ditpipe.config import Config, ConfigError, describe, load_config, to_dict
 from tests.conftest import committed
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_committed_params_yaml_equals_defaults(tmp_path):
