@@ -104,10 +104,27 @@ STAGE_TASKS = {name: _stage_task(name) for name in ORDER}
 
 @task(name="params")
 def apply_overrides(root: str, overrides: list[str]) -> None:
-    """Write the overrides into params.yaml with DVC's ``-S`` machinery (what ``dvc exp run -S`` does)."""
+    """Write the overrides into params.yaml with DVC's ``-S`` machinery (what ``dvc exp run -S`` does), and check
+    that DVC wrote what ditpipe reads from them (its override grammar is Hydra's, ours YAML's)."""
     from dvc.utils.hydra import apply_overrides as dvc_apply
 
-    dvc_apply(Path(root) / "params.yaml", overrides)
+    from ditpipe.config import to_dict
+
+    path = Path(root) / "params.yaml"
+    before = path.read_bytes()
+    expected = to_dict(load_config(path, overrides))
+    try:
+        dvc_apply(path, overrides)
+        written = to_dict(load_config(path))
+    except Exception as exc:
+        path.write_bytes(before)
+        raise DitpipeError(f"DVC could not apply the overrides {overrides}: {exc}") from None
+    if written != expected:
+        path.write_bytes(before)
+        differ = sorted(f"{section}.{key}" for section in expected for key in expected[section]
+                        if expected[section][key] != written.get(section, {}).get(key))
+        raise DitpipeError(f"DVC reads {', '.join(differ)} differently from ditpipe in {overrides}: "
+                           "quote the value (key='value')")
 
 
 @task(name="experiment")

@@ -149,3 +149,27 @@ def test_stage_outcome_and_failure_read_dvc_and_ditpipe_output():
     err = failure("train", "Running stage 'train':\nditpipe train: error: train.lr must be > 0, got -1\nERROR: ...")
     assert isinstance(err, DitpipeError) and str(err) == "train.lr must be > 0, got -1"
     assert isinstance(failure("train", "Traceback ...\nOSError: disk full"), StageFailed)
+
+
+def test_overrides_go_into_params_yaml_as_dvc_writes_them_or_not_at_all(tmp_path, monkeypatch):
+    import dvc.utils.hydra
+
+    from ditpipe.config import load_config
+    from ditpipe.errors import DitpipeError
+    from flows.pipeline import apply_overrides
+    from tests.conftest import committed
+
+    (tmp_path / "params.yaml").write_bytes(committed("params.yaml"))
+    apply_overrides.fn(str(tmp_path), ["train.lr=1e-3", "evaluate.sweep=[1.0, 4.0]", "tracking.uri=http://h:5000"])
+    cfg = load_config(tmp_path / "params.yaml")
+    assert (cfg.train.lr, cfg.evaluate.sweep, cfg.tracking.uri) == (1e-3, (1.0, 4.0), "http://h:5000")
+
+    before = (tmp_path / "params.yaml").read_bytes()
+
+    def misreads(path, overrides):  # as if DVC's grammar read a value otherwise than ditpipe's
+        path.write_text(path.read_text().replace("steps: 1000", "steps: 10"))
+
+    monkeypatch.setattr(dvc.utils.hydra, "apply_overrides", misreads)
+    with pytest.raises(DitpipeError, match="DVC reads train.steps differently"):
+        apply_overrides.fn(str(tmp_path), ["train.steps=1000"])
+    assert (tmp_path / "params.yaml").read_bytes() == before  # left as it was
