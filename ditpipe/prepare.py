@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ditpipe.config import DataConfig
 from ditpipe.data.images import NormalizeSpec, Rejected, normalize, pixel_hash, png_bytes, to_rgb
 from ditpipe.data.readers import RawSample, open_source
+from ditpipe.errors import DitpipeError
 from ditpipe.io import sha256_bytes, staged_dir, write_json
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -131,6 +132,18 @@ def prepare_samples(raws: Iterable[RawSample], cfg: DataConfig, tally: Tally) ->
         yield acc, split
 
 
+def no_samples(cfg: DataConfig, report: dict, out_dir: Path) -> DitpipeError:
+    """Nothing usable: keep the report beside the untouched output, and say where it is and why."""
+    kept = out_dir.with_name(f"{out_dir.name}.rejected.json")
+    write_json(kept, report)
+    if not report["seen"]:
+        why = "it holds no samples"
+    else:
+        top = "; ".join(f"{n} x {reason}" for reason, n in list(report["reasons"].items())[:3])
+        why = f"all {report['seen']} samples were rejected ({top})"
+    return DitpipeError(f"data.source={cfg.source}: {why}. Every rejection is in {kept}; {out_dir} was left as it was")
+
+
 def run(cfg: DataConfig, out_dir: str | Path) -> dict:
     """Read ``cfg.source``, write the prepared folder to ``out_dir``; return the report summary."""
     t0 = time.perf_counter()
@@ -149,6 +162,8 @@ def run(cfg: DataConfig, out_dir: str | Path) -> dict:
                 rows.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
         report = tally.report()
         write_json(tmp / "report.json", report)
+        if not tally.accepted:
+            raise no_samples(cfg, report, out_dir)
         meta = {"source": cfg.source, "format": fmt, "resolution": cfg.resolution,
                 "count": tally.accepted, "splits": report["splits"]}
         write_json(tmp / "meta.json", meta)

@@ -108,3 +108,30 @@ def test_limit_and_rerun_is_identical(tmp_path):
     assert a["seen"] == 12
     assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
     assert b["accepted"] == 12
+
+
+def test_no_usable_sample_is_an_error_naming_the_report_and_the_old_output_stays(tmp_path):
+    import pytest
+
+    from ditpipe.errors import DitpipeError
+
+    out = tmp_path / "artifacts" / "prepared"
+    run(DataConfig(count=8, resolution=16), out)  # a good earlier run
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "a.png").write_bytes(b"not an image")
+    (root / "b.png").write_bytes(b"\x89PNG cut")
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a"}) + "\n"
+                                         + json.dumps({"file_name": "b.png", "text": "b"}) + "\n")
+    with pytest.raises(DitpipeError, match=r"all 2 samples were rejected \(2 x not a decodable image") as exc:
+        run(DataConfig(source=str(root), resolution=16), out)
+    kept = tmp_path / "artifacts" / "prepared.rejected.json"
+    assert str(kept) in str(exc.value) and json.loads(kept.read_text())["rejected"] == 2
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # the good run is untouched
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".tmp")] == []
+    for f in root.iterdir():
+        f.unlink()
+    (root / "metadata.jsonl").write_text("")
+    with pytest.raises(DitpipeError, match="it holds no samples"):
+        run(DataConfig(source=str(root), resolution=16), out)
