@@ -88,12 +88,38 @@ def remove_stale_temps(folder: str | Path) -> int:
     return n
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def recover_staged(final: Path) -> None:
+    """Undo what a killed ``staged_dir`` left: put the previous output back if the kill fell between its two
+    renames, and delete the temp folders of processes that are gone (their pid is in the name)."""
+    old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+    for tmp in final.parent.glob(f"{TMP_PREFIX}{final.name}-*"):
+        pid = tmp.name[len(f"{TMP_PREFIX}{final.name}-"):].split("-", 1)[0]
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_dir(final: str | Path) -> Iterator[Path]:
     """Build a whole output folder under a temp name; swap it in only on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
+    recover_staged(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-{os.getpid()}-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
