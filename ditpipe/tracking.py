@@ -7,10 +7,12 @@ norm, images/s, MFU and memory as metrics; the final EMA model as artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -85,6 +87,10 @@ class NullTracker:
     def finish(self, final_dir: Path | None) -> None:
         pass
 
+    @contextlib.contextmanager
+    def failed_on_error(self) -> Iterator[None]:
+        yield
+
 
 class MlflowTracker:
     def __init__(self, client, run_id: str):
@@ -104,6 +110,18 @@ class MlflowTracker:
         if final_dir is not None:
             self.client.log_artifacts(self.run_id, str(final_dir), "model")
         self.client.set_terminated(self.run_id, "FINISHED")
+
+    @contextlib.contextmanager
+    def failed_on_error(self) -> Iterator[None]:
+        """End the run FAILED (KILLED on Ctrl-C) when the block raises; a resume reopens it as RUNNING."""
+        try:
+            yield
+        except BaseException as exc:
+            try:
+                self.client.set_terminated(self.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            except Exception:  # the error being raised matters more than the run's status
+                log.warning("could not mark MLflow run %s as failed", self.run_id)
+            raise
 
 
 def sqlite_artifacts(uri: str) -> str | None:

@@ -355,54 +355,56 @@ def run(model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_
 
     tracker = tracking.start(track, run_dir, resolved, index_hash, meta.get("mlflow_run_id"), acc.is_main_process,
                              default_name=f"{model_cfg.arch}-{model_cfg.size.replace('/', '_')}-{cfg.objective}")
-    prior_seconds = float(meta.get("train_seconds", 0.0))  # loop time of the runs this one resumes
-    meta = {"fingerprint": fingerprint, "world_size": acc.num_processes, "num_workers": cfg.num_workers,
-            "config": resolved, "shards_index_sha256": index_hash, "mlflow_run_id": tracker.run_id}
-    steplog = StepLog(acc, cfg, run_dir, tracker, flops_per_image, step)
-    objective = build_objective(cfg.objective, cfg.logit_mean, cfg.logit_std)
-    empty = empty_caption(shards_dir)
-    scale = float(index["latents"]["scaling_factor"])
-    shift = float(index["latents"].get("shift_factor") or 0.0)
-    data = iter(make_loader(shards_dir, "train", cfg.batch_size, num_workers=cfg.num_workers,
-                            shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=acc.process_index,
-                            world_size=acc.num_processes, infinite=True, skip_batches=step))
-    monitor = None
-    if acc.is_main_process and cfg.eval_every:
-        monitor = Monitor(cfg, shards_dir, vae_dir, index, objective, run_dir, tracker,
-                          flops_per_image * cfg.batch_size * acc.num_processes)
-    start_step, t_loop = step, time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=None if acc.is_main_process else True)
-    model.train()
-    while step < cfg.steps:
-        raw = next(data)
-        batch = make_batch(raw, empty, cfg, gen, scale, shift, acc.device)
-        with acc.autocast():
-            loss = diffusion_loss(model, objective, batch, gen)
-        grad_norm = optimizer_step(acc, model, opt, sched, ema, loss, cfg)
-        step += 1
-        steplog.record(step, loss, raw["key"])
-        bar.update()
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            row = steplog.flush(step, sched.get_last_lr()[0], grad_norm, ema.get_decay(ema.optimization_step))
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if monitor is not None and monitor.due(step):
-            with ema_weights(acc, model, ema) as inner:
-                row = monitor(inner, empty, step)
-            model.train()
-            bar.write(f"train: step {step} val loss {row['val_loss']:.4f}"
-                      + "".join(f", {k[4:]} {v:.0%}" for k, v in row.items() if k.startswith("acc_")))
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            meta["samples_per_rank"] = step * cfg.batch_size  # the data position a resume skips to
-            meta["train_seconds"] = prior_seconds + time.perf_counter() - t_loop
-            save_checkpoint(acc, run_dir, step, model, ema, opt, sched, gen, meta, cfg.keep_checkpoints)
-    bar.close()
-    info = RunInfo(arch=model_cfg.arch, size=model_cfg.size, objective=cfg.objective, step=step, spec=spec,
-                   latents=index["latents"], text=index["text"], parameters=n_params, shards=str(shards_dir),
-                   shards_index_sha256=index_hash, config=resolved, mlflow_run_id=tracker.run_id,
-                   flops_per_image=flops_per_image, batch_size=cfg.batch_size * acc.num_processes,
-                   train_seconds=round(prior_seconds + time.perf_counter() - t_loop, 2))
-    final = save_final(acc, run_dir, model, ema, info)
-    tracker.finish(final if acc.is_main_process else None)
+    with tracker.failed_on_error():  # a crash or Ctrl-C does not leave the MLflow run RUNNING
+        prior_seconds = float(meta.get("train_seconds", 0.0))  # loop time of the runs this one resumes
+        meta = {"fingerprint": fingerprint, "world_size": acc.num_processes, "num_workers": cfg.num_workers,
+                "config": resolved, "shards_index_sha256": index_hash, "mlflow_run_id": tracker.run_id}
+        steplog = StepLog(acc, cfg, run_dir, tracker, flops_per_image, step)
+        objective = build_objective(cfg.objective, cfg.logit_mean, cfg.logit_std)
+        empty = empty_caption(shards_dir)
+        scale = float(index["latents"]["scaling_factor"])
+        shift = float(index["latents"].get("shift_factor") or 0.0)
+        data = iter(make_loader(shards_dir, "train", cfg.batch_size, num_workers=cfg.num_workers,
+                                shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, rank=acc.process_index,
+                                world_size=acc.num_processes, infinite=True, skip_batches=step))
+        monitor = None
+        if acc.is_main_process and cfg.eval_every:
+            monitor = Monitor(cfg, shards_dir, vae_dir, index, objective, run_dir, tracker,
+                              flops_per_image * cfg.batch_size * acc.num_processes)
+        start_step, t_loop = step, time.perf_counter()
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step",
+                   disable=None if acc.is_main_process else True)
+        model.train()
+        while step < cfg.steps:
+            raw = next(data)
+            batch = make_batch(raw, empty, cfg, gen, scale, shift, acc.device)
+            with acc.autocast():
+                loss = diffusion_loss(model, objective, batch, gen)
+            grad_norm = optimizer_step(acc, model, opt, sched, ema, loss, cfg)
+            step += 1
+            steplog.record(step, loss, raw["key"])
+            bar.update()
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                row = steplog.flush(step, sched.get_last_lr()[0], grad_norm, ema.get_decay(ema.optimization_step))
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if monitor is not None and monitor.due(step):
+                with ema_weights(acc, model, ema) as inner:
+                    row = monitor(inner, empty, step)
+                model.train()
+                bar.write(f"train: step {step} val loss {row['val_loss']:.4f}"
+                          + "".join(f", {k[4:]} {v:.0%}" for k, v in row.items() if k.startswith("acc_")))
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                meta["samples_per_rank"] = step * cfg.batch_size  # the data position a resume skips to
+                meta["train_seconds"] = prior_seconds + time.perf_counter() - t_loop
+                save_checkpoint(acc, run_dir, step, model, ema, opt, sched, gen, meta, cfg.keep_checkpoints)
+        bar.close()
+        info = RunInfo(arch=model_cfg.arch, size=model_cfg.size, objective=cfg.objective, step=step, spec=spec,
+                       latents=index["latents"], text=index["text"], parameters=n_params, shards=str(shards_dir),
+                       shards_index_sha256=index_hash, config=resolved, mlflow_run_id=tracker.run_id,
+                       flops_per_image=flops_per_image, batch_size=cfg.batch_size * acc.num_processes,
+                       train_seconds=round(prior_seconds + time.perf_counter() - t_loop, 2))
+        final = save_final(acc, run_dir, model, ema, info)
+        tracker.finish(final if acc.is_main_process else None)
     last = steplog.last()
     return {"steps": step, "trained": step - start_step, "resumed_from": start_step, "loss": last.get("loss"),
             "images_per_s": last.get("images_per_s"), "parameters": n_params, "arch": model_cfg.arch,

@@ -189,6 +189,31 @@ def test_mlflow_run_tells_what_was_trained_on_what(tiny_shards, tmp_path, monkey
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the run list
 
 
+@pytest.mark.slow
+def test_a_crashed_run_is_marked_failed_in_mlflow_not_left_running(tiny_shards, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    import ditpipe.train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    real, calls = ditpipe.train.optimizer_step, []
+
+    def crashes_on_the_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ditpipe.train, "optimizer_step", crashes_on_the_third_step)
+    with pytest.raises(OSError, match="disk full"):
+        run(ModelConfig(arch="dit", size="T/2"), TrainConfig(steps=6, batch_size=4, eval_every=0),
+            TrackingConfig(uri=uri, experiment="crash"), tiny_shards / "shards", tmp_path / "run",
+            to_dict(load_config(None, ["model.arch=dit", "model.size=T/2"])))
+    client = MlflowClient(tracking_uri=uri)
+    (r,) = client.search_runs([client.get_experiment_by_name("crash").experiment_id])
+    assert r.info.status == "FAILED"
+
+
 def test_unreachable_tracking_server_fails_at_once_naming_it(tiny_shards, tmp_path):
     import socket
 
