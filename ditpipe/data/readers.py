@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import posixpath
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -261,10 +262,36 @@ def read_webdataset(source: str, cfg: DataConfig) -> Iterator[RawSample]:
 # ---------------------------------------------------------------- parquet
 
 
-def _image_bytes(value: Any) -> bytes | None:
+def _image_from_path(fs: Any, parquet_path: str, name: str) -> tuple[bytes | None, str | None]:
+    """An image a parquet row names by path (Hugging Face ``{bytes: null, path}``): read it only inside the
+    dataset root, the parquet file's folder (a relative path from there, or an absolute one that lies in it)."""
+    base = posixpath.dirname(parquet_path)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        root = Path(base).resolve()
+        if os.path.isabs(name):
+            real = Path(os.path.realpath(name))
+            if real != root and root not in real.parents:
+                return None, f"image path outside the dataset root {root}: {name}"
+            name = real.relative_to(root).as_posix()
+        return _read_file(root, name)
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts or "://" in name:
+        return None, f"image path outside the dataset root {base}: {name}"
+    full = f"{base}/{pure}"
+    if not fs.exists(full):
+        return None, f"missing file: {name}"
+    return fs.cat_file(full), None
+
+
+def _parquet_image(value: Any, fs: Any, parquet_path: str, column: str) -> tuple[bytes | None, str | None]:
+    """(bytes, None) or (None, reason) for a parquet image cell: raw bytes, or the Hugging Face Image struct."""
     if isinstance(value, dict):  # the Hugging Face Image feature: {"bytes": ..., "path": ...}
+        if value.get("bytes") is None and value.get("path"):
+            return _image_from_path(fs, parquet_path, str(value["path"]))
         value = value.get("bytes")
-    return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), None
+    return None, f"no image bytes or path in column {column!r}"
 
 
 def read_parquet(source: str, cfg: DataConfig) -> Iterator[RawSample]:
@@ -289,8 +316,7 @@ def read_parquet(source: str, cfg: DataConfig) -> Iterator[RawSample]:
                 for rec in batch.to_pylist():
                     key = str(rec[key_col]) if key_col and rec[key_col] is not None else f"{stem}-{row:08d}"
                     row += 1
-                    data = _image_bytes(rec[cfg.image_column])
-                    reason = None if data is not None else f"no image bytes in column {cfg.image_column!r}"
+                    data, reason = _parquet_image(rec[cfg.image_column], fs, path, cfg.image_column)
                     yield RawSample(key, data=data, caption=rec[cfg.caption_column], reject=reason)
 
 

@@ -144,8 +144,28 @@ def test_parquet_with_hf_image_struct(tmp_path):
     fmt, samples = read_all(tmp_path / "d.parquet")
     assert fmt == "parquet"
     assert [s.key for s in samples] == ["d-00000000", "d-00000001", "d-00000002"]
-    assert samples[1].reject == "no image bytes in column 'image'"
+    assert samples[1].reject == "no image bytes or path in column 'image'"
     assert samples[0].caption == "one" and samples[2].caption is None
+
+
+def test_parquet_with_images_stored_by_path_as_hf_datasets_writes_them(tmp_path):
+    """`Dataset.to_parquet` of an image column cast from files writes {bytes: null, path}: read the paths that lie
+    inside the dataset root (the parquet file's folder), and say why for the others."""
+    root = tmp_path / "ds"
+    (root / "imgs").mkdir(parents=True)
+    (root / "imgs" / "a.png").write_bytes(png((200, 0, 0)))
+    (root / "imgs" / "b.png").write_bytes(png((0, 200, 0)))
+    (tmp_path / "outside.png").write_bytes(png())
+    paths = ["imgs/a.png", str(root / "imgs" / "b.png"), "../outside.png", str(tmp_path / "outside.png"),
+             "imgs/missing.png"]
+    table = pa.table({"image": [{"bytes": None, "path": p} for p in paths], "text": list("abcde")})
+    pq.write_table(table, root / "train.parquet")
+    _, samples = read_all(root / "train.parquet")
+    assert samples[0].data == png((200, 0, 0)) and samples[0].reject is None  # relative to the parquet file
+    assert samples[1].data == png((0, 200, 0)) and samples[1].reject is None  # absolute, inside the root
+    assert samples[2].reject == "path escapes the dataset root: ../outside.png"
+    assert samples[3].reject == f"image path outside the dataset root {root}: {tmp_path / 'outside.png'}"
+    assert samples[4].reject == "missing file: imgs/missing.png"
 
 
 def test_parquet_missing_column_is_a_clear_error(tmp_path):
