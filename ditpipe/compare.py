@@ -124,13 +124,14 @@ def markdown(rows: list[dict]) -> str:
 # ---------------------------------------------------------------- the shell: dvc, files, a plot
 
 
-def _dvc_exe() -> str:
-    beside = Path(sys.executable).with_name("dvc")  # the dvc of this environment, even when not on PATH
+def dvc_exe() -> str:
+    """The dvc of this environment (beside its python), even when it is not on PATH."""
+    beside = Path(sys.executable).with_name("dvc")
     return str(beside) if beside.exists() else "dvc"
 
 
 def _dvc(args: list[str], cwd: Path, env: dict, capture: bool = False) -> str:
-    cmd = [_dvc_exe(), *args]
+    cmd = [dvc_exe(), *args]
     try:
         done = subprocess.run(cmd, cwd=cwd, env=env, text=True, check=True,
                               stdout=subprocess.PIPE if capture else None)
@@ -148,7 +149,7 @@ def follow(name: str, cwd: Path, env: dict, poll: float = 2.0) -> None:
     ask again until it streams, or until the experiment has finished without a log to show.
     """
     while True:
-        done = subprocess.run([_dvc_exe(), "queue", "logs", "-f", name], cwd=cwd, env=env, text=True,
+        done = subprocess.run([dvc_exe(), "queue", "logs", "-f", name], cwd=cwd, env=env, text=True,
                               stderr=subprocess.PIPE)
         states = _states(cwd, env) if done.returncode else {}
         if done.returncode == 0 or (states is not None and states.get(name) not in ("queued", "running")):
@@ -160,7 +161,7 @@ def follow(name: str, cwd: Path, env: dict, poll: float = 2.0) -> None:
 def _show(cwd: Path, env: dict) -> list[dict] | None:
     """``dvc exp show --json``, or None when DVC cannot answer right now (it fails while a queue worker is
     setting up an experiment's temporary copy)."""
-    done = subprocess.run([_dvc_exe(), "exp", "show", "--json"], cwd=cwd, env=env, text=True, capture_output=True)
+    done = subprocess.run([dvc_exe(), "exp", "show", "--json"], cwd=cwd, env=env, text=True, capture_output=True)
     return None if done.returncode else json.loads(done.stdout or "[]")
 
 

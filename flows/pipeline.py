@@ -29,6 +29,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from ditpipe.compare import dvc_exe
 from ditpipe.config import load_config
 from ditpipe.errors import DitpipeError
 from ditpipe.stages import ORDER
@@ -52,11 +53,10 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
 
 
 def dvc(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``dvc ARGS`` in ``root`` with this interpreter's DVC, and its ``ditpipe`` first on PATH."""
+    """``dvc ARGS`` in ``root`` with this environment's DVC, and its ``ditpipe`` first on PATH."""
     bin_dir = str(Path(sys.executable).parent)
     full_env = {**os.environ, **(env or {}), "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=full_env, capture_output=True,
-                          text=True)
+    return subprocess.run([dvc_exe(), *args], cwd=root, env=full_env, capture_output=True, text=True)
 
 
 def stage_outcome(name: str, output: str) -> str:
