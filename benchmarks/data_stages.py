@@ -21,15 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torch.utils.data import DataLoader
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import ditpipe.loader as loader_mod  # noqa: E402
 from ditpipe.autoencoder import PreparedImages, load_vae  # noqa: E402
 from ditpipe.config import load_config  # noqa: E402
 from ditpipe.encoders import TextEncoder  # noqa: E402
 from ditpipe.latents import encode_batch  # noqa: E402
-from ditpipe.loader import make_loader  # noqa: E402
+from ditpipe.loader import collate, make_loader, shard_entries  # noqa: E402
 from ditpipe.stages import run_stage  # noqa: E402
 
 
@@ -103,6 +105,13 @@ def bench_loader(cfg, batch_size: int = 64) -> None:
     for workers in (0, 2):
         loader = make_loader(cfg.paths.shards, "train", batch_size, num_workers=workers, infinite=False)
         line("shards", *_timed(loader), f"DataLoader workers {workers}, shuffle buffer 1000")
+    # What verifying each shard (size + sha256 before use) costs in a first epoch, against the same loader
+    # with the check off; later epochs skip the hash (verified once per process).
+    for verify in (False, True, False, True):
+        loader.dataset.expect = shard_entries(cfg.paths.shards, "train") if verify else {}
+        loader_mod._VERIFIED.clear()
+        loader = DataLoader(loader.dataset, batch_size=batch_size, collate_fn=collate, drop_last=True)
+        line("verified" if verify else "unverified", *_timed(loader), "workers 0, first epoch, cold verify")
     samples = [{k: b[k][j].numpy() for k in ARRAYS}
                for b in make_loader(cfg.paths.shards, "train", batch_size, infinite=False)
                for j in range(len(b["key"]))]

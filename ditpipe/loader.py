@@ -2,7 +2,9 @@
 
 :class:`ShardStream` reads the tars with webdataset's tar iterator, splits the work by rank and
 DataLoader worker, shuffles through a bounded buffer and decodes ``.npy`` members with
-``allow_pickle=False``. For training it runs forever, one reshuffled epoch after another; for
+``allow_pickle=False``. Each shard is checked against its ``index.json`` entry (bytes and sha256, once per
+process; the sample count on every pass) before any of it is used: a damaged or cut shard is an error
+that names it, never training data. For training it runs forever, one reshuffled epoch after another; for
 validation it makes one pass in a fixed order. Within an epoch every sample goes to exactly one
 (rank, worker): by shard when there are enough shards, by sample index when there are not.
 """
@@ -10,12 +12,14 @@ validation it makes one pass in a fixed order. Within an epoch every sample goes
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import itertools
 import json
 import os
 import random
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
@@ -81,22 +85,73 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def read_tar(url: str) -> Iterator[dict]:
-    with fsspec.open(url, "rb") as f:
-        files = ({**member, "__url__": url} for member in tar_file_iterator(f))
-        for sample in group_by_keys(files):
-            sample.pop("__url__", None)
-            yield sample
+_VERIFIED: set[tuple[str, str]] = set()  # (url, sha256) this process has checked: later epochs skip the hash
+REBUILD = "re-run `ditpipe shards` (or `dvc repro shards`; `dvc checkout` if DVC has them cached)"
+
+
+def verify_shard(url: str, expect: dict, chunk: int = 1 << 22) -> None:
+    """Check a shard's size and sha256 against its ``index.json`` entry before a byte of it is used."""
+    if (url, expect["sha256"]) in _VERIFIED:
+        return
+    h, size = hashlib.sha256(), 0
+    try:
+        with fsspec.open(url, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+                size += len(block)
+    except FileNotFoundError:
+        raise DitpipeError(f"shard {url} is missing: {REBUILD}") from None
+    if size != expect["bytes"]:
+        raise DitpipeError(f"shard {url} is damaged: {size} bytes, index.json says {expect['bytes']}: {REBUILD}")
+    if h.hexdigest() != expect["sha256"]:
+        raise DitpipeError(f"shard {url} is damaged: its sha256 differs from index.json's: {REBUILD}")
+    _VERIFIED.add((url, expect["sha256"]))
+
+
+def verified_in_turn(urls: list[str], expect: dict[str, dict]) -> Iterator[str]:
+    """Each url once it has verified; the next one is hashed in a thread while the caller reads this one
+    (hashlib and file reads release the GIL), so the check costs wall time only for the first shard."""
+    with ThreadPoolExecutor(1, thread_name_prefix="verify-shard") as pool:
+        def ahead(i: int) -> Future | None:
+            return pool.submit(verify_shard, urls[i], expect[urls[i]]) if i < len(urls) and urls[i] in expect else None
+
+        pending = ahead(0)
+        for i, url in enumerate(urls):
+            current, pending = pending, ahead(i + 1)
+            if current is not None:
+                current.result()
+            yield url
+
+
+def read_tar(url: str, expect: dict | None = None) -> Iterator[dict]:
+    """The samples of one tar; with ``expect`` (its index entry) the shard is verified first, and its
+    sample count after."""
+    if expect is not None:
+        verify_shard(url, expect)
+    n = 0
+    try:
+        with fsspec.open(url, "rb") as f:
+            files = ({**member, "__url__": url} for member in tar_file_iterator(f))
+            for sample in group_by_keys(files):
+                sample.pop("__url__", None)
+                n += 1
+                yield sample
+    except FileNotFoundError:
+        raise DitpipeError(f"shard {url} is missing: {REBUILD}") from None
+    if expect is not None and n != expect["samples"]:
+        raise DitpipeError(f"shard {url} holds {n} samples, index.json says {expect['samples']}: {REBUILD}")
 
 
 class ShardStream(IterableDataset):
     """Samples from shard ``urls`` for one rank; infinite and reshuffled per epoch, or one ordered pass."""
 
     def __init__(self, urls: list[str], *, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0,
-                 seed: int = 0, infinite: bool = False, skip_batches: int = 0, batch_size: int = 1):
+                 seed: int = 0, infinite: bool = False, skip_batches: int = 0, batch_size: int = 1,
+                 expect: dict[str, dict] | None = None):
         if not urls:
             raise DitpipeError("no shards to read")
         self.urls, self.rank, self.world_size = list(urls), rank, world_size
+        self.expect = expect or {}  # url -> its index.json entry (samples, bytes, sha256): verified on read
         self.shuffle_buffer, self.seed, self.infinite = shuffle_buffer, seed, infinite
         self.skip_batches, self.batch_size = skip_batches, batch_size
 
@@ -113,12 +168,12 @@ class ShardStream(IterableDataset):
         if self.infinite:
             random.Random(f"{self.seed}-{epoch}").shuffle(order)
         if len(order) >= consumers:
-            for url in order[consumer::consumers]:
-                yield from read_tar(url)
+            for url in verified_in_turn(order[consumer::consumers], self.expect):
+                yield from read_tar(url, self.expect.get(url))
         else:  # fewer shards than consumers: everyone reads everything, keeps every n-th sample
             i = 0
-            for url in order:
-                for sample in read_tar(url):
+            for url in verified_in_turn(order, self.expect):
+                for sample in read_tar(url, self.expect.get(url)):
                     if i % consumers == consumer:
                         yield sample
                     i += 1
@@ -157,12 +212,17 @@ def shuffled(stream: Iterator[dict], size: int, rng: random.Random) -> Iterator[
     yield from buf
 
 
-def shard_urls(shards_dir: str, split: str) -> list[str]:
-    """Shard URLs of ``split`` from ``index.json`` (a local folder or any fsspec URL)."""
+def shard_entries(shards_dir: str, split: str) -> dict[str, dict]:
+    """``{url: index entry}`` of ``split``'s shards, in index order (a local folder or any fsspec URL)."""
     index = load_index(shards_dir)
     if split not in index["splits"]:
         raise DitpipeError(f"split {split!r} not in {shards_dir}/index.json (have: {', '.join(index['splits'])})")
-    return [f"{str(shards_dir).rstrip('/')}/{s['name']}" for s in index["splits"][split]["shards"]]
+    return {f"{str(shards_dir).rstrip('/')}/{s['name']}": s for s in index["splits"][split]["shards"]}
+
+
+def shard_urls(shards_dir: str, split: str) -> list[str]:
+    """Shard URLs of ``split`` from ``index.json``."""
+    return list(shard_entries(shards_dir, split))
 
 
 def load_index(shards_dir: str | Path) -> dict:
@@ -172,6 +232,8 @@ def load_index(shards_dir: str | Path) -> dict:
             return json.load(f)
     except FileNotFoundError:
         raise DitpipeError(f"{path} not found: run `ditpipe shards` first") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DitpipeError(f"{path} is damaged ({exc}): {REBUILD}") from None
 
 
 def empty_caption(shards_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -188,8 +250,9 @@ def make_loader(shards_dir: str | Path, split: str, batch_size: int, *, num_work
     train = split == "train"
     if rank is None or world_size is None:
         rank, world_size = dist_info()
+    entries = shard_entries(str(shards_dir), split)
     stream = ShardStream(
-        shard_urls(str(shards_dir), split), rank=rank, world_size=world_size, seed=seed,
+        list(entries), expect=entries, rank=rank, world_size=world_size, seed=seed,
         shuffle_buffer=(1000 if train else 0) if shuffle_buffer is None else shuffle_buffer,
         infinite=train if infinite is None else infinite, skip_batches=skip_batches, batch_size=batch_size,
     )

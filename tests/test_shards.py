@@ -154,3 +154,52 @@ def test_load_npy_matches_numpy(arr):
     buf = io.BytesIO()
     np.lib.format.write_array(buf, arr, version=(2, 0))
     assert np.array_equal(load_npy(buf.getvalue()), arr)
+
+
+def _damaged_copy(built, tmp_path, damage):
+    """A copy of the shards with the first train shard damaged by ``damage(path, data)``."""
+    import shutil
+
+    shutil.copytree(built / "shards", tmp_path / "shards")
+    first = read_json(tmp_path / "shards" / "index.json")["splits"]["train"]["shards"][0]
+    path = tmp_path / "shards" / first["name"]
+    damage(path, path.read_bytes())
+    return tmp_path / "shards", first["name"]
+
+
+def _cut_at_member(path, data):
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    path.write_bytes(data[: members[len(members) // 2].offset])  # a whole prefix of the members: parses cleanly
+
+
+def _flip_bytes(path, data):
+    b = bytearray(data)
+    b[1600:1604] = b"\xff\xff\xff\x7f"  # inside the first member's data: the tar still parses
+    path.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("damage, why", [
+    (_cut_at_member, "bytes, index.json says"),
+    (lambda p, d: p.write_bytes(d[: len(d) // 2 + 100]), "bytes, index.json says"),  # cut mid-member
+    (_flip_bytes, "sha256 differs"),
+    (lambda p, d: p.unlink(), "is missing"),
+])
+def test_damaged_shard_is_named_and_never_read(built, tmp_path, damage, why):
+    shards, name = _damaged_copy(built, tmp_path, damage)
+    loader = make_loader(shards, "train", 4, shuffle_buffer=0, infinite=False)
+    with pytest.raises(DitpipeError, match=f"shard .*{name} .*{why}.*re-run `ditpipe shards`"):
+        for _ in loader:
+            pass
+
+
+def test_shard_with_wrong_count_is_refused(built, tmp_path):
+    """A shard whose bytes match but whose index entry says another count (an edited or mixed index)."""
+    import json
+
+    shards, name = _damaged_copy(built, tmp_path, lambda p, d: None)
+    index = read_json(shards / "index.json")
+    index["splits"]["train"]["shards"][0]["samples"] += 1
+    (shards / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DitpipeError, match=f"{name} holds .* samples, index.json says"):
+        list(make_loader(shards, "train", 4, shuffle_buffer=0, infinite=False))
