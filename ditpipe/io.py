@@ -1,20 +1,27 @@
-"""Small I/O helpers shared by the stages: atomic writes, hashing, JSON lines, devices."""
+"""Small I/O helpers shared by the stages: atomic writes, hashing, JSON lines, locks, devices."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
+from ditpipe.errors import DitpipeError
+
 TMP_PREFIX = ".tmp-"
+WAIT_ENV = "DITPIPE_WAIT"  # set (the CLI's --wait does) to queue behind a running writer instead of failing
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -53,6 +60,45 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries (what makes a rename inside it durable), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checksum_tree(folder: str | Path, name: str = "checksums.json") -> dict[str, str]:
+    """Flush every file of ``folder`` to disk and write ``name`` with their sha256 (flushed too)."""
+    folder = Path(folder)
+    sums = {}
+    for p in sorted(q for q in folder.rglob("*") if q.is_file() and q.name != name):
+        fsync_path(p)
+        sums[p.relative_to(folder).as_posix()] = sha256_file(p)
+    write_json(folder / name, sums)
+    fsync_path(folder)
+    return sums
+
+
+def verify_tree(folder: str | Path, name: str = "checksums.json") -> str | None:
+    """Why ``folder`` does not match its ``name`` checksums (a missing or changed file), or None if it does."""
+    folder = Path(folder)
+    try:
+        sums = read_json(folder / name)
+    except FileNotFoundError:
+        return f"it has no {name}"
+    except (ValueError, OSError) as exc:
+        return f"its {name} is unreadable ({exc})"
+    for rel, digest in sums.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if sha256_file(p) != digest:
+            return f"{rel} does not match its sha256 (damaged)"
+    return None
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -113,11 +159,71 @@ def recover_staged(final: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def lock_path(folder: str | Path) -> Path:
+    folder = Path(folder)
+    return folder.parent / f".{folder.name}.lock"
+
+
+def _holder(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+
+
+def describe_holder(h: dict) -> str:
+    return f"pid {h.get('pid', '?')} ({h.get('command', '?')}, since {h.get('since', '?')})"
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | Path) -> Iterator[None]:
+    """One writer for ``folder`` (a run folder, a cache, a stage's output) at a time.
+
+    A POSIX record lock (``lockf``) on ``.NAME.lock`` beside the folder, which holds the writer's PID and
+    command line: a second writer fails at once naming the first (or waits, with ``DITPIPE_WAIT=1``). The
+    kernel drops the lock when its process dies, so a killed run's lock is simply taken over; forked
+    DataLoader workers do not inherit it.
+    """
+    path = lock_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            holder = describe_holder(_holder(fd))
+            if not os.environ.get(WAIT_ENV):
+                raise DitpipeError(f"{folder} is in use by {holder}: let it finish (or stop it), or pass --wait "
+                                   "to start when it does") from None
+            print(f"waiting for {holder} to finish with {folder}", file=sys.stderr, flush=True)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        stale = _holder(fd)
+        if stale.get("pid") not in (None, os.getpid()):
+            print(f"taking over {path} from {describe_holder(stale)}, which ended without releasing it",
+                  file=sys.stderr, flush=True)
+        me = {"pid": os.getpid(), "command": " ".join(sys.argv)[:300], "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # released cleanly: the next writer finds no stale holder
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def staged_dir(final: str | Path) -> Iterator[Path]:
-    """Build a whole output folder under a temp name; swap it in only on success."""
+    """Build a whole output folder under a temp name; swap it in only on success. One writer at a time."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(final):
+        yield from _staged(final)
+
+
+def _staged(final: Path) -> Iterator[Path]:
     recover_staged(final)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-{os.getpid()}-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_UMASK)
@@ -131,8 +237,10 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(final)  # a failed write() names no file: say which output it was for
         raise
 
 

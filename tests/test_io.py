@@ -38,5 +38,54 @@ def test_temp_folders_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     with staged_dir(final) as tmp:
         assert str(os.getpid()) in tmp.name
         (tmp / "index.json").write_text("{}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["shards", live.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["shards", live.name, ".shards.lock"])
     assert (final / "index.json").exists()
+
+
+def _hold(folder, seconds):
+    """A process holding ``folder``'s lock; returns once it holds it."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; from ditpipe.io import exclusive\n"
+                             f"with exclusive({str(folder)!r}):\n print('held', flush=True); time.sleep({seconds})"],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_writer_fails_naming_the_first_or_waits_when_asked(tmp_path, monkeypatch, capsys):
+    import time
+
+    from ditpipe.errors import DitpipeError
+    from ditpipe.io import WAIT_ENV, exclusive
+
+    holder = _hold(tmp_path / "out", 1.5)
+    try:
+        with pytest.raises(DitpipeError, match=rf"out is in use by pid {holder.pid} \(-c, since .*--wait"):
+            with exclusive(tmp_path / "out"):
+                pass
+        monkeypatch.setenv(WAIT_ENV, "1")
+        t = time.time()
+        with exclusive(tmp_path / "out"):
+            assert time.time() - t > 0.3  # queued behind the holder, then ran
+        assert f"waiting for pid {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_writers_lock_is_taken_over_and_said_so(tmp_path, capsys):
+    from ditpipe.io import exclusive
+
+    holder = _hold(tmp_path / "out", 60)
+    holder.kill()
+    holder.wait()
+    with exclusive(tmp_path / "out"):
+        pass
+    assert f"from pid {holder.pid}" in capsys.readouterr().err
+    with exclusive(tmp_path / "out"):  # released cleanly this time: nothing to report
+        pass
+    assert "taking over" not in capsys.readouterr().err
