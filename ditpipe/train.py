@@ -3,8 +3,9 @@
 The run folder (``paths.train``) holds ``checkpoints/checkpoint-NNNNNN`` (model, EMA, optimizer, LR
 schedule, step, RNG states, data position, resolved config; written atomically, last N kept),
 ``metrics.jsonl`` (one object per logged step) and ``final/`` (the EMA model, ``save_pretrained``).
-Running the stage again on the same folder resumes from the newest checkpoint; a run with a
-different model, objective or data starts over.
+Running the stage again on the same folder resumes from the newest checkpoint that verifies against
+its ``checksums.json``; a folder holding a run with another model, objective, optimisation or data is
+moved aside (``<folder>.<arch>-<size>-step<N>-<time>``) and a new run starts: nothing is deleted.
 """
 
 from __future__ import annotations
@@ -29,7 +30,20 @@ from tqdm import tqdm
 
 from ditpipe import tracking
 from ditpipe.config import ModelConfig, TrackingConfig, TrainConfig
-from ditpipe.io import TMP_PREFIX, cache_key, read_json, read_jsonl, sha256_file, write_json
+from ditpipe.errors import DitpipeError
+from ditpipe.io import (
+    TMP_PREFIX,
+    atomic_open,
+    cache_key,
+    checksum_tree,
+    exclusive,
+    fsync_path,
+    read_json,
+    read_jsonl,
+    sha256_file,
+    verify_tree,
+    write_json,
+)
 from ditpipe.loader import empty_caption, load_index, make_loader
 from ditpipe.models import Denoiser, RunInfo, Spec, build_model, count_parameters, forward_flops
 from ditpipe.monitor import Monitor
@@ -167,9 +181,25 @@ def set_rng_state(state: dict, gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@contextlib.contextmanager
+def writing(tmp: Path, run_dir: Path) -> Iterator[None]:
+    """Remove a half-written ``tmp`` on failure and say what failed in one line (torch and safetensors
+    report a full disk as 'unexpected pos 576 vs 534' or a serializing error, not as an OSError)."""
+    try:
+        yield
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(run_dir).free / 1e6
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DitpipeError(f"could not write {tmp.name.removeprefix(TMP_PREFIX)} in {run_dir}: {first} "
+                           f"({free:.0f} MB free there; free space or point paths.train elsewhere: the earlier "
+                           "checkpoints are intact)") from exc
+
+
 def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, model, ema: EMAModel, opt, sched,
                     gen: torch.Generator, meta: dict, keep: int) -> None:
-    """Write checkpoint-STEP under a temp name, then rename; every rank adds its RNG state."""
+    """Write checkpoint-STEP under a temp name, then rename; every rank adds its RNG state, and
+    ``checksums.json`` lists every file's sha256 so a resume can tell a whole checkpoint from a damaged one."""
     final = run_dir / "checkpoints" / f"checkpoint-{step:06d}"
     tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
     if acc.is_main_process:
@@ -179,12 +209,15 @@ def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, model, ema: EMAM
     torch.save(rng_state(gen), tmp / f"rng-rank{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
-        inner = plain_model(acc, model)
-        save_file({k: v.contiguous() for k, v in inner.state_dict().items()}, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ema": ema.state_dict()},
-                   tmp / "state.pt")
-        write_json(tmp / "trainer.json", {**meta, "step": step})
+        with writing(tmp, run_dir):
+            inner = plain_model(acc, model)
+            save_file({k: v.contiguous() for k, v in inner.state_dict().items()}, str(tmp / "model.safetensors"))
+            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ema": ema.state_dict()},
+                       tmp / "state.pt")
+            write_json(tmp / "trainer.json", {**meta, "step": step})
+            checksum_tree(tmp)  # every file flushed to disk and its sha256 recorded before the rename publishes it
         os.replace(tmp, final)
+        fsync_path(final.parent)
         for old in checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
@@ -220,9 +253,9 @@ def save_final(acc: Accelerator, run_dir: Path, model, ema: EMAModel, info: RunI
     if acc.is_main_process:
         tmp = final.with_name(f"{TMP_PREFIX}final")
         shutil.rmtree(tmp, ignore_errors=True)
-        with ema_weights(acc, model, ema) as inner:
+        with writing(tmp, run_dir), ema_weights(acc, model, ema) as inner:
             inner.inner.save_pretrained(tmp)
-        info.write(tmp)
+            info.write(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     acc.wait_for_everyone()
@@ -233,7 +266,8 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past the checkpoint we resume from: those steps are trained again."""
     if path.exists():
         rows = [r for r in read_jsonl(path) if r["step"] <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with atomic_open(path, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ---------------------------------------------------------------- logging
@@ -293,18 +327,66 @@ class StepLog:
 # ---------------------------------------------------------------- the loop
 
 
-def resume_point(acc: Accelerator, run_dir: Path, fingerprint: str) -> Path | None:
-    """The newest checkpoint of this run, or None; a run of another model, objective or data is cleared."""
-    found = checkpoints(run_dir)
-    latest = found[-1] if found else None
-    if latest is not None and read_json(latest / "trainer.json").get("fingerprint") != fingerprint:
-        if acc.is_main_process:
-            print(f"train: {run_dir} holds a run with another model, objective or data; starting over", flush=True)
-            shutil.rmtree(run_dir)
-        acc.wait_for_everyone()
-        latest = None
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (a missing or damaged file), or None when it verifies."""
+    if (path / "checksums.json").exists():
+        return verify_tree(path)
+    try:  # written before checkpoints carried checksums: it verifies if every part loads
+        read_json(path / "trainer.json")
+        load_file(str(path / "model.safetensors"))
+        torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to load means: do not resume from it
+        return f"it does not load ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+    return None
+
+
+def set_aside(path: Path, label: str) -> Path:
+    """Rename ``path`` to ``<path>.<label>-<time>`` beside it (never delete a run); return the new path."""
+    dest = path.with_name(f"{path.name}.{label}-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while dest.exists():
+        dest, n = dest.with_name(f"{dest.name}-{n}"), n + 1
+    os.replace(path, dest)
+    return dest
+
+
+def changed_settings(old: dict, new: dict) -> list[str]:
+    """The dotted keys of the model and train sections whose values differ between two resolved configs."""
+    return [f"{section}.{k}" for section in ("model", "train")
+            for k in sorted(set(old.get(section, {})) | set(new.get(section, {})))
+            if old.get(section, {}).get(k) != new.get(section, {}).get(k)]
+
+
+def resume_point(acc: Accelerator, run_dir: Path, fingerprint: str, resolved: dict) -> Path | None:
+    """The newest checkpoint of this run that verifies, or None to start fresh.
+
+    Damaged checkpoints are moved aside (``damaged-checkpoint-N``) with a line saying why; a folder that holds
+    a run of another model, objective, optimisation or data is moved aside whole, under a name that says which
+    run it was. Nothing is deleted.
+    """
+    if acc.is_main_process:
+        for path in reversed(checkpoints(run_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                break
+            os.replace(path, path.with_name(f"damaged-{path.name}"))
+            print(f"train: skipping {path}: {problem}; kept as damaged-{path.name}", flush=True)
+        found = checkpoints(run_dir)
+        if found and read_json(found[-1] / "trainer.json").get("fingerprint") != fingerprint:
+            old = read_json(found[-1] / "trainer.json")
+            diff = changed_settings(old.get("config", {}), resolved) or ["the training data (shards index)"]
+            m, t = old.get("config", {}).get("model", {}), old.get("config", {}).get("train", {})
+            label = f"{m.get('arch', 'run')}-{str(m.get('size', '')).replace('/', '_')}-step{old.get('step', 0)}"
+            moved = set_aside(run_dir, label)
+            print(f"train: {run_dir} held a run with other settings ({', '.join(diff[:6])}); moved it to {moved} "
+                  f"(lr {t.get('lr')}, {t.get('objective')}) and starting over", flush=True)
+        elif not found and run_dir.exists() and any(run_dir.glob("checkpoints/damaged-*")):
+            moved = set_aside(run_dir, "damaged")
+            print(f"train: no checkpoint in {run_dir} verifies; moved it to {moved} and starting over", flush=True)
+    acc.wait_for_everyone()
     run_dir.mkdir(parents=True, exist_ok=True)
-    return latest
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 def optimizer_step(acc: Accelerator, model, opt, sched, ema: EMAModel, loss: torch.Tensor, cfg: TrainConfig):
@@ -320,20 +402,26 @@ def optimizer_step(acc: Accelerator, model, opt, sched, ema: EMAModel, loss: tor
 
 def run(model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_dir: str | Path,
         out_dir: str | Path, resolved: dict, vae_dir: str | Path | None = None) -> dict:
-    """Train (or resume) into ``out_dir``; return a summary. ``vae_dir`` lets in-run evaluations draw images."""
-    t_start = time.perf_counter()
-    tracking.check_reachable(track)  # before anything is touched
-    shards_dir, run_dir = Path(shards_dir), Path(out_dir)
-    index, index_hash = load_index(shards_dir), sha256_file(shards_dir / "index.json")
+    """Train (or resume) into ``out_dir``; return a summary. ``vae_dir`` lets in-run evaluations draw images.
+
+    The main process holds the run folder's lock throughout: a second ``train`` on it fails at once naming
+    this one (or waits with --wait) instead of mixing two runs in one folder.
+    """
     acc = build_accelerator(cfg)
+    with exclusive(out_dir) if acc.is_main_process else contextlib.nullcontext():
+        return _run(acc, model_cfg, cfg, track, Path(shards_dir), Path(out_dir), resolved, vae_dir)
+
+
+def _run(acc: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_dir: Path,
+         run_dir: Path, resolved: dict, vae_dir: str | Path | None) -> dict:
+    t_start = time.perf_counter()
+    tracking.check_reachable(track)  # every check that can fail comes before the run folder is touched
+    index, index_hash = load_index(shards_dir), sha256_file(shards_dir / "index.json")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    fingerprint = run_fingerprint(resolved, index_hash)
-    latest = resume_point(acc, run_dir, fingerprint)
-
     torch.manual_seed(cfg.seed)  # same init on every rank
     spec = model_spec(index)
-    model = build_model(model_cfg.arch, model_cfg.size, spec)
+    model = build_model(model_cfg.arch, model_cfg.size, spec)  # a bad size or patch fails here, not later
     n_params = count_parameters(model)
     flops_per_image = 3 * forward_flops(model, spec, index["text"]["max_length"])  # forward + backward
     if cfg.gradient_checkpointing:
@@ -341,6 +429,8 @@ def run(model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_
     ema = build_ema(model, cfg)
     opt, sched = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
+    fingerprint = run_fingerprint(resolved, index_hash)
+    latest = resume_point(acc, run_dir, fingerprint, resolved)
     step, meta = 0, {}
     if latest is not None:
         meta = load_checkpoint(latest, acc, model, ema, opt, sched, gen)

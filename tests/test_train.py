@@ -109,7 +109,10 @@ def test_checkpoints_keep_last_n_and_more_steps_resume(tiny_shards, tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "checkpoint-000006"
     meta = json.loads((ckpt / "trainer.json").read_text())
     assert meta["step"] == 6 and meta["samples_per_rank"] == 48 and meta["config"]["model"]["size"] == "T/2"
-    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "state.pt", "trainer.json", "rng-rank0.pt"}
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "state.pt", "trainer.json", "rng-rank0.pt",
+                                                "checksums.json"}
+    assert set(json.loads((ckpt / "checksums.json").read_text())) == {"model.safetensors", "state.pt",
+                                                                       "trainer.json", "rng-rank0.pt"}
     s = train(tiny_shards, tmp_path / "run", steps=9, checkpoint_every=1, keep_checkpoints=2)
     assert s["resumed_from"] == 6 and s["trained"] == 3
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == list(range(1, 10))
@@ -117,10 +120,84 @@ def test_checkpoints_keep_last_n_and_more_steps_resume(tiny_shards, tmp_path):
     assert again["trained"] == 0  # nothing left to do
 
 
-def test_a_different_model_starts_over(tiny_shards, tmp_path):
+def test_a_different_model_starts_over_and_keeps_the_old_run(tiny_shards, tmp_path, capsys):
     train(tiny_shards, tmp_path / "run", steps=2)
+    first = (tmp_path / "run" / "final" / "diffusion_pytorch_model.safetensors").read_bytes()
     s = train(tiny_shards, tmp_path / "run", arch="dit", steps=2)
     assert s["resumed_from"] == 0 and s["trained"] == 2
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("run.cross-T_2-step2-")]
+    assert len(kept) == 1, sorted(p.name for p in tmp_path.iterdir())
+    assert (kept[0] / "final" / "diffusion_pytorch_model.safetensors").read_bytes() == first  # nothing lost
+    assert "model.arch" in capsys.readouterr().out  # says what changed
+    s = train(tiny_shards, tmp_path / "run", arch="dit", steps=2, lr=1e-3)  # another lr: also kept, not deleted
+    assert s["trained"] == 2 and len([p for p in tmp_path.iterdir() if p.name.startswith("run.dit-T_2-step2-")]) == 1
+
+
+def test_a_failing_model_build_leaves_the_run_folder_alone(tiny_shards, tmp_path, monkeypatch):
+    import ditpipe.train
+
+    train(tiny_shards, tmp_path / "run", steps=2)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+
+    def refuse(arch, size, spec):
+        raise DitpipeError(f"{size} does not fit {spec.latent_size}px latents")
+
+    monkeypatch.setattr(ditpipe.train, "build_model", refuse)
+    with pytest.raises(DitpipeError, match="does not fit"):
+        train(tiny_shards, tmp_path / "run", arch="dit", steps=2, lr=1e-3)  # another run: would move the old one
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [
+    lambda c: _flip_a_byte(c / "model.safetensors"),  # loads fine, garbage weights: only the checksum sees it
+    lambda c: (c / "state.pt").write_bytes((c / "state.pt").read_bytes()[:1000]),  # cut
+    lambda c: (c / "trainer.json").unlink(),
+])
+def test_resume_skips_a_damaged_newest_checkpoint(tiny_shards, tmp_path, capsys, damage):
+    train(tiny_shards, tmp_path / "run", steps=4, checkpoint_every=2)
+    newest = checkpoints(tmp_path / "run")[-1]
+    damage(newest)
+    s = train(tiny_shards, tmp_path / "run", steps=6, checkpoint_every=2)
+    assert s["resumed_from"] == 2 and s["steps"] == 6
+    out = capsys.readouterr().out
+    assert f"skipping {newest}" in out
+    assert (newest.parent / "damaged-checkpoint-000004").is_dir()  # kept for a look, out of the way
+    assert [c.name for c in checkpoints(tmp_path / "run")][-1] == "checkpoint-000006"
+
+
+def test_no_verifying_checkpoint_starts_over_keeping_the_run(tiny_shards, tmp_path, capsys):
+    train(tiny_shards, tmp_path / "run", steps=2, checkpoint_every=2)
+    _flip_a_byte(checkpoints(tmp_path / "run")[0] / "state.pt")
+    s = train(tiny_shards, tmp_path / "run", steps=2, checkpoint_every=2)
+    assert s["resumed_from"] == 0 and s["trained"] == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("run.damaged-")]
+    assert "no checkpoint" in capsys.readouterr().out
+
+
+def test_a_second_train_on_one_folder_fails_naming_the_first(tiny_shards, tmp_path):
+    from ditpipe.io import exclusive
+
+    (tmp_path / "run").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ditpipe.io import exclusive\n"
+                               f"with exclusive({str(tmp_path / 'run')!r}):\n print('held', flush=True); "
+                               "time.sleep(60)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DitpipeError, match=rf"in use by pid {holder.pid} \(.*-c"):
+            train(tiny_shards, tmp_path / "run", steps=2)
+        assert not (tmp_path / "run" / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive(tmp_path / "run"):  # the killed holder's lock is taken over, no cleanup needed
+        pass
+    assert train(tiny_shards, tmp_path / "run", steps=2)["trained"] == 2
 
 
 def _params(tmp_path, tiny_shards, steps):
@@ -256,7 +333,8 @@ def test_two_processes_with_accelerate_launch(tiny_shards, tmp_path):
     assert [c.name for c in checkpoints(run_dir)] == ["checkpoint-000005"]
     ckpt = run_dir / "checkpoints" / "checkpoint-000005"
     assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "state.pt", "trainer.json", "rng-rank0.pt",
-                                                "rng-rank1.pt"}
+                                                "rng-rank1.pt", "checksums.json"}
+    assert "rng-rank1.pt" in json.loads((ckpt / "checksums.json").read_text())  # every rank's file is covered
     assert json.loads((ckpt / "trainer.json").read_text())["world_size"] == 2
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5]  # logged once
 
