@@ -1,26 +1,43 @@
 """A folder of safetensors files keyed by content: the latent and text-embedding caches.
 
 Every entry is written atomically (hidden temp name, then rename), so a run killed at any point
-leaves only whole entries behind and a re-run picks up where it stopped.
+leaves only whole entries behind and a re-run picks up where it stopped. Each entry carries the
+sha256 of its tensors in its metadata, checked on every read: a damaged entry is re-encoded by its
+stage, and named in an error (never used) by a reader.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from ditpipe.errors import DitpipeError
 from ditpipe.io import TMP_PREFIX, remove_stale_temps
+
+DIGEST = "ditpipe.sha256"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of a dict of CPU tensors."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 class TensorCache:
     """``<root>/<key[:2]>/<key>.safetensors``; values are dicts of CPU tensors."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, stage: str = ""):
+        self.root, self.stage = Path(root), stage  # the stage that fills it, named in errors
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -32,11 +49,34 @@ class TensorCache:
         final = self.path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f"{TMP_PREFIX}{os.getpid()}-{final.name}")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(tmp), metadata={**(metadata or {}), DIGEST: tensors_digest(tensors)})
         os.replace(tmp, final)
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
-        return load_file(str(self.path(key)))
+        """The entry's tensors, checked against the digest it was written with."""
+        problem, tensors = self._read(key)
+        if problem:
+            rerun = f"run `ditpipe {self.stage}` (or `dvc repro {self.stage}`) to rebuild it" if self.stage else ""
+            raise DitpipeError(f"cache entry {self.path(key)} is {problem}; {rerun}".rstrip("; "))
+        return tensors
+
+    def valid(self, key: str) -> bool:
+        """Whether the entry exists and verifies (a stage re-encodes the ones that do not)."""
+        return not self._read(key)[0]
+
+    def _read(self, key: str) -> tuple[str, dict[str, torch.Tensor]]:
+        if not self.has(key):
+            return "missing", {}
+        try:
+            with safe_open(str(self.path(key)), "pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+                digest = (f.metadata() or {}).get(DIGEST)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a cut or bad header
+            return f"damaged ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})", {}
+        if digest is not None and tensors_digest(tensors) != digest:
+            return "damaged (its tensors do not match their sha256)", {}
+        return "", tensors
 
     def keys(self) -> set[str]:
         if not self.root.exists():

@@ -20,7 +20,16 @@ from ditpipe.autoencoder import PreparedImages, load_vae
 from ditpipe.cache import TensorCache
 from ditpipe.config import LatentsConfig
 from ditpipe.errors import DitpipeError
-from ditpipe.io import TORCH_DTYPES, cache_key, read_json, read_jsonl, resolve_device, state_dict_hash, write_json
+from ditpipe.io import (
+    TORCH_DTYPES,
+    cache_key,
+    exclusive,
+    read_json,
+    read_jsonl,
+    resolve_device,
+    state_dict_hash,
+    write_json,
+)
 
 
 def latent_key(sample_sha: str, vae_id: str, resolution: int, cfg: LatentsConfig) -> str:
@@ -42,7 +51,13 @@ def encode_batch(vae: AutoencoderKL, images: torch.Tensor, flip: bool) -> dict[s
 
 
 def run(cfg: LatentsConfig, prepared: str | Path, vae_dir: str | Path, out_dir: str | Path) -> dict:
-    """Encode the samples missing from the cache under ``out_dir``; write ``index.json``."""
+    """Encode the samples missing from the cache under ``out_dir`` (or whose entry is damaged); write
+    ``index.json``. One writer per cache: a second run on it fails naming the first."""
+    with exclusive(out_dir):
+        return _run(cfg, prepared, vae_dir, out_dir)
+
+
+def _run(cfg: LatentsConfig, prepared: str | Path, vae_dir: str | Path, out_dir: str | Path) -> dict:
     t0 = time.perf_counter()
     prepared, out_dir = Path(prepared), Path(out_dir)
     if not (prepared / "samples.jsonl").exists():
@@ -51,16 +66,18 @@ def run(cfg: LatentsConfig, prepared: str | Path, vae_dir: str | Path, out_dir: 
         raise DitpipeError(f"{vae_dir} holds no VAE: run `ditpipe vae` first")
     resolution = read_json(prepared / "meta.json")["resolution"]
     samples = list(read_jsonl(prepared / "samples.jsonl"))
+    if not samples:  # pruning against an empty list would empty the cache
+        raise DitpipeError(f"{prepared}/samples.jsonl holds no samples: nothing to encode, cache left as it is")
     vae = load_vae(str(vae_dir))
     vae_id = state_dict_hash(vae)
     device = resolve_device(cfg.device)
     vae = vae.to(device, TORCH_DTYPES[cfg.dtype]).eval()
     store = TORCH_DTYPES[cfg.storage_dtype]
 
-    cache = TensorCache(out_dir / "cache")
+    cache = TensorCache(out_dir / "cache", "latents")
     cache.clean_temps()
     keys = [latent_key(s["sha256"], vae_id, resolution, cfg) for s in samples]
-    todo = [i for i, k in enumerate(keys) if not cache.has(k)]
+    todo = [i for i, k in enumerate(keys) if not cache.valid(k)]
     images = PreparedImages(prepared, None)
     loader = DataLoader(Subset(images, todo), batch_size=cfg.batch_size, num_workers=0)
     meta = {"vae": vae_id, "resolution": str(resolution)}

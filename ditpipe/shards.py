@@ -160,7 +160,7 @@ def run(cfg: ShardsConfig, prepared: str | Path, latents_dir: str | Path, text_d
     rows_path = prepared / "samples.jsonl"
     samples = scan_rows(rows_path)  # only key, split and file offset per sample: memory stays flat
     lat_index, txt_index = read_json(latents_dir / "index.json"), read_json(text_dir / "index.json")
-    lat_cache, txt_cache = TensorCache(latents_dir / "cache"), TensorCache(text_dir / "cache")
+    lat_cache, txt_cache = TensorCache(latents_dir / "cache", "latents"), TensorCache(text_dir / "cache", "text")
     _check_fresh(read_jsonl(rows_path), lat_index, txt_index, lat_cache, txt_cache)
 
     def load_latents(key: str) -> dict[str, torch.Tensor]:

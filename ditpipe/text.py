@@ -16,7 +16,7 @@ from ditpipe.cache import TensorCache
 from ditpipe.config import TextConfig
 from ditpipe.encoders import TextEncoder, caption_hash
 from ditpipe.errors import DitpipeError
-from ditpipe.io import cache_key, read_jsonl, resolve_device, write_json
+from ditpipe.io import cache_key, exclusive, read_jsonl, resolve_device, write_json
 
 
 def text_key(caption: str, encoder_id: str, cfg: TextConfig) -> str:
@@ -29,18 +29,27 @@ def unique_captions(captions: list[str]) -> list[str]:
 
 
 def run(cfg: TextConfig, prepared: str | Path, out_dir: str | Path) -> dict:
-    """Encode captions missing from the cache under ``out_dir``; write ``index.json``."""
+    """Encode captions missing from the cache under ``out_dir`` (or whose entry is damaged); write
+    ``index.json``. One writer per cache: a second run on it fails naming the first."""
+    with exclusive(out_dir):
+        return _run(cfg, prepared, out_dir)
+
+
+def _run(cfg: TextConfig, prepared: str | Path, out_dir: str | Path) -> dict:
     t0 = time.perf_counter()
     prepared, out_dir = Path(prepared), Path(out_dir)
     if not (prepared / "samples.jsonl").exists():
         raise DitpipeError(f"{prepared} has no samples.jsonl: run `ditpipe prepare` first")
-    captions = unique_captions([s["caption"] for s in read_jsonl(prepared / "samples.jsonl")])
+    rows = list(read_jsonl(prepared / "samples.jsonl"))
+    if not rows:  # pruning against no captions would empty the cache
+        raise DitpipeError(f"{prepared}/samples.jsonl holds no samples: nothing to encode, cache left as it is")
+    captions = unique_captions([s["caption"] for s in rows])
     device = resolve_device(cfg.device)
     encoder = TextEncoder(cfg.encoder, cfg.max_length, cfg.dtype, device)
-    cache = TensorCache(out_dir / "cache")
+    cache = TensorCache(out_dir / "cache", "text")
     cache.clean_temps()
     keys = {c: text_key(c, encoder.identity, cfg) for c in captions}
-    todo = [c for c in captions if not cache.has(keys[c])]
+    todo = [c for c in captions if not cache.valid(keys[c])]
     with tqdm(total=len(todo), desc="text", unit="caption", disable=None) as bar:
         for start in range(0, len(todo), cfg.batch_size):
             batch = todo[start : start + cfg.batch_size]

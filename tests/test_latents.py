@@ -99,3 +99,58 @@ def test_kill_9_then_resume(tmp_path):
     assert fresh_cache.keys() == set(resumed)
     for k, v in resumed.items():
         torch.testing.assert_close(fresh_cache.get(k)["mean"], v, atol=1e-5, rtol=1e-4)
+
+
+def test_damaged_cache_entries_are_re_encoded_and_named_by_readers(upstream):
+    from ditpipe.errors import DitpipeError
+
+    p = upstream
+    cfg = LatentsConfig(batch_size=16)
+    run(cfg, p / "prepared", p / "vae", p / "latents")
+    index = read_json(p / "latents" / "index.json")
+    cache = TensorCache(p / "latents" / "cache", "latents")
+    key = index["samples"]["shapes-0000003"]
+    good = cache.get(key)
+    data = bytearray(cache.path(key).read_bytes())
+    data[-3] ^= 0xFF  # inside the tensor data: safetensors still loads it, only the digest sees it
+    cache.path(key).write_bytes(bytes(data))
+    with pytest.raises(DitpipeError, match=f"cache entry .*{key}.* damaged.*run `ditpipe latents`"):
+        cache.get(key)
+    again = run(cfg, p / "prepared", p / "vae", p / "latents")
+    assert again["encoded"] == 1 and again["cached"] == 39
+    torch.testing.assert_close(cache.get(key), good, atol=1e-3, rtol=1e-3)  # encoded alone, not in a batch of 16
+    cache.path(key).write_bytes(cache.path(key).read_bytes()[:40])  # cut: the header no longer parses
+    assert not cache.valid(key)
+    assert run(cfg, p / "prepared", p / "vae", p / "latents")["encoded"] == 1
+
+
+def test_empty_input_leaves_the_cache_alone(upstream):
+    from ditpipe.errors import DitpipeError
+
+    p = upstream
+    run(LatentsConfig(batch_size=16), p / "prepared", p / "vae", p / "latents")
+    before = sorted((p / "latents" / "cache").rglob("*.safetensors"))
+    (p / "prepared" / "samples.jsonl").write_text("")
+    with pytest.raises(DitpipeError, match="holds no samples"):
+        run(LatentsConfig(batch_size=16), p / "prepared", p / "vae", p / "latents")
+    assert sorted((p / "latents" / "cache").rglob("*.safetensors")) == before and len(before) == 40
+
+
+def test_a_second_writer_of_one_cache_is_refused_at_once(upstream):
+    from ditpipe.errors import DitpipeError
+    from ditpipe.io import exclusive
+
+    p = upstream
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from ditpipe.io import exclusive\n"
+                               f"with exclusive({str(p / 'latents')!r}):\n print('held', flush=True); time.sleep(60)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DitpipeError, match=f"{p / 'latents'} is in use by pid {holder.pid}"):
+            run(LatentsConfig(batch_size=16), p / "prepared", p / "vae", p / "latents")
+        assert not (p / "latents" / "cache").exists()  # refused before touching anything
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive(p / "latents"):  # a dead holder's lock is free
+        pass
