@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -26,6 +27,10 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="params file (default: params.yaml; missing = built-in defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one param, e.g. --set data.resolution=64 (repeatable)")
+    p.add_argument("--wait", action="store_true", help="if another command is writing the same output, wait for "
+                   "it to finish instead of failing (same as DITPIPE_WAIT=1)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (same as "
+                   "DITPIPE_DEBUG=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,8 +179,40 @@ def _compare(args: argparse.Namespace) -> None:
           "compare.json, compare.png")
 
 
+IO_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space, or point paths.* at a bigger disk",
+    errno.EDQUOT: "the disk quota is used up: free some space, or point paths.* elsewhere",
+    errno.EACCES: "no permission: fix the folder's permissions, or point paths.* somewhere writable",
+    errno.EPERM: "not permitted: fix the folder's permissions, or point paths.* somewhere writable",
+    errno.EROFS: "the file system is read-only: point paths.* somewhere writable",
+    errno.ENOENT: "it does not exist: check the path, or run the stage that writes it (`dvc repro`)",
+    errno.ENOTDIR: "a file stands where a folder should be: move it, or point paths.* elsewhere",
+    errno.EISDIR: "a folder stands where a file should be: move it, or point paths.* elsewhere",
+    errno.EIO: "the disk reported an I/O error: check the device",
+}
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as the one line the CLI prints: OS errors with the path and what to do; errors raised in a
+    DataLoader worker without the worker's traceback that torch folds into the message."""
+    if isinstance(exc, OSError) and not isinstance(exc, DitpipeError):
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        what = exc.strerror or str(exc)
+        hint = IO_HINTS.get(exc.errno or 0, "")
+        return f"{what}{f': {where}' if where else ''}{f' ({hint})' if hint else ''}"
+    text = str(exc)
+    if "Original Traceback" in text:  # torch.utils.data re-raises worker errors with the traceback inside
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or bool(os.environ.get("DITPIPE_DEBUG"))
+    if getattr(args, "wait", False):
+        from ditpipe.io import WAIT_ENV
+
+        os.environ[WAIT_ENV] = "1"  # read where the lock is taken, in this process and in launched ranks
     logging.basicConfig(level=os.environ.get("DITPIPE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "params":
@@ -199,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             summary = run_stage(stage, cfg)
             if main_process:
                 print(summary_line(stage, summary), flush=True)
-    except DitpipeError as exc:
-        print(f"ditpipe {args.command}: error: {exc}", file=sys.stderr)
+    except (DitpipeError, OSError) as exc:  # the user's input, config, artifacts or disk: one line, no traceback
+        if debug:
+            raise
+        print(f"ditpipe {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ditpipe {args.command}: interrupted", file=sys.stderr)
