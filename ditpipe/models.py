@@ -24,7 +24,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ditpipe.errors import ConfigError
+from ditpipe.errors import ConfigError, DitpipeError
+from ditpipe.io import verify_tree
 from ditpipe.presets import Preset, parse_size
 
 # ---------------------------------------------------------------- embedders
@@ -440,6 +441,9 @@ def final_dir(run_or_final: str | Path) -> Path:
 def load_denoiser(run_or_final: str | Path, device: str | torch.device = "cpu") -> tuple[Denoiser, RunInfo]:
     """Exactly the trained (EMA) ``Denoiser`` of a run, in eval mode, and its :class:`RunInfo`; every arch."""
     final = final_dir(run_or_final)
+    if (final / "checksums.json").exists() and (problem := verify_tree(final)):
+        raise DitpipeError(f"{final} is damaged: {problem}; re-run `ditpipe train` (it rewrites final/ from the "
+                           "last checkpoint) or `dvc checkout train`")
     info = RunInfo.read(final)
     if info.arch not in INNER:
         raise ConfigError(f"{final}: unknown arch {info.arch!r} (known: {', '.join(INNER)})")

@@ -256,6 +256,7 @@ def save_final(acc: Accelerator, run_dir: Path, model, ema: EMAModel, info: RunI
         with writing(tmp, run_dir), ema_weights(acc, model, ema) as inner:
             inner.inner.save_pretrained(tmp)
             info.write(tmp)
+            checksum_tree(tmp)  # evaluate, export and generate check final/ against it
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     acc.wait_for_everyone()

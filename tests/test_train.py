@@ -360,3 +360,11 @@ def test_lr_schedules():
     assert curve[:10] == [lr_factor(s, const) for s in range(10)]
     assert curve[10] == 1.0 and curve[55] == pytest.approx(0.55) and lr_factor(100, cos) == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(curve[10:], curve[11:]))
+
+
+def test_a_damaged_final_model_is_refused_by_its_readers(tiny_shards, tmp_path):
+    train(tiny_shards, tmp_path / "run", steps=2)
+    load_denoiser(tmp_path / "run")  # whole: loads
+    _flip_a_byte(tmp_path / "run" / "final" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(DitpipeError, match="final is damaged: diffusion_pytorch_model.safetensors does not match"):
+        load_denoiser(tmp_path / "run")
