@@ -35,7 +35,7 @@ from ditpipe.config import EvaluateConfig, TrackingConfig
 from ditpipe.errors import DitpipeError
 from ditpipe.generate import Drawer, load_drawer
 from ditpipe.grids import caption_grid
-from ditpipe.io import cache_key, read_json, read_jsonl, sha256_file, staged_dir, write_json
+from ditpipe.io import cache_key, exclusive, read_json, read_jsonl, sha256_file, staged_dir, write_json
 from ditpipe.loader import empty_caption, load_index, make_loader
 from ditpipe.models import RunInfo
 from ditpipe.sampling import Conditioning, resolve_sampler
@@ -258,7 +258,16 @@ def run_sweep(drawer: Drawer, prompts: Prompts, plan: list[tuple[int, int]], emp
 def run(cfg: EvaluateConfig, track: TrackingConfig, train_dir: str | Path, shards_dir: str | Path,
         vae_dir: str | Path, prepared: str | Path, reference_dir: str | Path, out_dir: str | Path,
         metrics_path: str | Path, plots_dir: str | Path) -> dict:
-    """Sample, measure and write every output; log to MLflow; return a summary."""
+    """Sample, measure and write every output; log to MLflow; return a summary. One evaluation per reference
+    cache at a time (a second fails naming the first)."""
+    with exclusive(reference_dir):
+        return _run(cfg, track, train_dir, shards_dir, vae_dir, prepared, reference_dir, out_dir, metrics_path,
+                    plots_dir)
+
+
+def _run(cfg: EvaluateConfig, track: TrackingConfig, train_dir: str | Path, shards_dir: str | Path,
+         vae_dir: str | Path, prepared: str | Path, reference_dir: str | Path, out_dir: str | Path,
+         metrics_path: str | Path, plots_dir: str | Path) -> dict:
     t0 = time.perf_counter()
     tracking.check_reachable(track)
     train_dir, shards_dir, prepared = Path(train_dir), Path(shards_dir), Path(prepared)

@@ -151,7 +151,22 @@ def summary_line(stage: str, summary: dict) -> str:
     return importlib.import_module(f"ditpipe.{stage}").summary_line(summary)
 
 
+OWN_RUNS = ("train", "evaluate")  # stages that open MLflow runs of their own (under the pipeline run)
+
+
 def run_stage(stage: str, cfg: Config) -> dict:
+    """Run one stage, recorded in MLflow as a child of its execution's pipeline run (main process only)."""
+    import os
+
+    from ditpipe import tracking
+    from ditpipe.config import to_dict
+
     if stage not in STAGES:
         raise KeyError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
-    return STAGES[stage].run(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # other DDP ranks: rank 0 records the stage
+        return STAGES[stage].run(cfg)
+    resolved = to_dict(cfg)
+    section = {name: resolved[name] for name in STAGES[stage].params}
+    with tracking.stage_run(cfg.tracking, stage, section, own_run=stage in OWN_RUNS) as record:
+        record.summary = STAGES[stage].run(cfg)
+    return record.summary

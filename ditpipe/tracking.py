@@ -1,16 +1,22 @@
-"""MLflow tracking for training runs, through ``MlflowClient`` (explicit run ids, no global state).
+"""MLflow tracking, through ``MlflowClient`` (explicit run ids, no global state).
 
-A run's page tells what was trained on what: the resolved config as params; the git commit, the
-shards' index hash and the DVC-locked hashes of every data stage as tags; loss, learning rate, grad
-norm, images/s, MFU and memory as metrics; the final EMA model as artifacts.
+Every pipeline execution (a ``dvc repro`` or ``dvc exp run``, a Prefect flow run, a ``ditpipe`` command)
+is one parent run; each stage that runs in it is a child run with that stage's figures. The training
+run is the ``train`` child: its page tells what was trained on what (the resolved config as params,
+the settings a resume may change as tags; the git commit, the shards' index hash and, under DVC, the
+locked hashes of the data it read as tags; loss, learning rate, grad norm, images/s, MFU and memory
+as metrics; the final EMA model as artifacts).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +29,8 @@ from ditpipe.errors import DitpipeError
 
 log = logging.getLogger(__name__)
 DATA_STAGES = ("prepare", "vae", "latents", "text", "shards")
+PARENT_ENV = "DITPIPE_MLFLOW_PARENT"  # the pipeline run a stage's own runs (train, evaluate) go under
+EXECUTION_ENV = "DITPIPE_EXECUTION"  # set to group stage runs yourself; Prefect flows and DVC are found alone
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -63,16 +71,64 @@ def origin_tags() -> dict[str, str]:
     return tags
 
 
-def dvc_lock_tags(path: Path = Path("dvc.lock")) -> dict[str, str]:
-    """``dvc.<stage>.md5``: the hash DVC locked for each data stage's output."""
-    if not path.exists():
+def dvc_lock_tags(path: Path = Path("dvc.lock"), stages: tuple[str, ...] = DATA_STAGES) -> dict[str, str]:
+    """``dvc.<stage>.md5``: the hash DVC locked for each of ``stages``' outputs.
+
+    Only under DVC (``DVC_STAGE`` set: DVC has just checked or built those outputs for this stage); a
+    stage run by hand may read something other than what dvc.lock says, so it gets none.
+    """
+    if not os.environ.get("DVC_STAGE") or not path.exists():
         return {}
-    stages = (yaml.safe_load(path.read_text()) or {}).get("stages", {})
+    locked = (yaml.safe_load(path.read_text()) or {}).get("stages", {})
     tags = {}
-    for name in DATA_STAGES:
-        for out in stages.get(name, {}).get("outs", []):
-            tags[f"dvc.{name}.md5"] = str(out.get("md5"))
+    for name in stages:
+        outs = locked.get(name, {}).get("outs", [])
+        if outs:  # the first output is the stage's artifact (evaluate's others are caches, metrics, plots)
+            tags[f"dvc.{name}.md5"] = str(outs[0].get("md5"))
     return tags
+
+
+def execution() -> tuple[str, str]:
+    """(id, display name) of the pipeline execution this process is a stage of: the Prefect flow run, else the
+    nearest ``dvc`` process above this one (one ``dvc repro`` or one experiment), else this command."""
+    when = time.strftime("%Y-%m-%d %H:%M")
+    if os.environ.get("DITPIPE_FLOW_RUN_ID"):
+        flow_run = os.environ["DITPIPE_FLOW_RUN_ID"]
+        return f"prefect:{flow_run}", f"prefect {os.environ.get('DITPIPE_FLOW_RUN_NAME') or flow_run[:8]}"
+    if os.environ.get(EXECUTION_ENV):
+        return os.environ[EXECUTION_ENV], os.environ[EXECUTION_ENV]
+    import psutil
+
+    me = psutil.Process()
+    for proc in me.parents():
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue
+        words = [os.path.basename(c) for c in cmd[:4]]
+        if "dvc" in words:  # `dvc repro`, `.venv/bin/dvc exp run`, `python -m dvc exp exec-run ...`
+            sub = cmd[words.index("dvc") + 1 : words.index("dvc") + 2]
+            exp = os.environ.get("DVC_EXP_NAME")
+            name = f"dvc exp {exp}" if exp else f"dvc {' '.join(sub)}".strip()
+            return f"dvc:{proc.pid}:{proc.create_time():.2f}", f"{name} {when}"
+    return f"ditpipe:{me.pid}:{me.create_time():.2f}", f"ditpipe {' '.join(sys.argv[1:2])} {when}"
+
+
+def metric_name(key: str) -> str:
+    """MLflow takes letters, digits and ``_-./ `` in metric names (rejection reasons hold anything)."""
+    return re.sub(r"[^\w\-./ ]", "_", key)[:250]
+
+
+def numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a summary, as dotted metric names."""
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(numbers(v, f"{key}."))
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[metric_name(key)] = float(v)
+    return out
 
 
 class NullTracker:
@@ -171,31 +227,128 @@ def check_reachable(cfg: TrackingConfig, timeout: float = 5.0) -> None:
 
 
 def start(cfg: TrackingConfig, run_dir: Path, resolved: dict, index_hash: str, run_id: str | None,
-          is_main: bool, default_name: str) -> NullTracker | MlflowTracker:
-    """Open (or, resuming, reopen) the MLflow run of ``run_dir``; a no-op tracker off the main process."""
+          is_main: bool, default_name: str, mutable: frozenset[str] = frozenset()) -> NullTracker | MlflowTracker:
+    """Open (or, resuming, reopen) the MLflow run of ``run_dir``; a no-op tracker off the main process.
+
+    The config is logged as params, except the ``mutable`` keys (those a resume may change, such as
+    ``train.steps``): MLflow params cannot change, so those are tags, rewritten on every resume, and the run
+    always shows the settings it ended with. A resumed run moves under the current pipeline run.
+    """
     if not cfg.enabled or not is_main:
         return NullTracker()
-    from mlflow.entities import Param
+    from mlflow.entities import Param, RunTag
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)
+    flat = flatten(resolved)
+    now_tags = {"ditpipe.shards_index_sha256": index_hash, **dvc_lock_tags(), **origin_tags(),
+                **{k: v[:5000] for k, v in flat.items() if k in mutable}}
+    if os.environ.get(PARENT_ENV):
+        now_tags["mlflow.parentRunId"] = os.environ[PARENT_ENV]
     if run_id:
         try:
             client.get_run(run_id)
             client.update_run(run_id, status="RUNNING")
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in now_tags.items()])
             return MlflowTracker(client, run_id)
         except MlflowException:
             log.warning("MLflow run %s not found at %s; starting a new one", run_id, uri)
     exp_id = experiment_id(client, cfg.experiment, uri)
-    tags = {"ditpipe.shards_index_sha256": index_hash, "ditpipe.run_dir": str(run_dir.resolve()),
-            **dvc_lock_tags(), **origin_tags()}
-    run = client.create_run(exp_id, run_name=cfg.run_name or default_name, tags=tags)
-    params = [Param(k, v[:6000]) for k, v in flatten(resolved).items()]
+    run = client.create_run(exp_id, run_name=cfg.run_name or default_name,
+                            tags={"ditpipe.run_dir": str(run_dir.resolve()), "ditpipe.stage": "train", **now_tags})
+    params = [Param(k, v[:6000]) for k, v in flat.items() if k not in mutable]
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run.info.run_id, params=params[i : i + 100])
     return MlflowTracker(client, run.info.run_id)
+
+
+class StageRecord:
+    """What :func:`stage_run` yields: the stage sets ``summary`` when it ends well."""
+
+    summary: dict | None = None
+
+
+@contextlib.contextmanager
+def stage_run(cfg: TrackingConfig, stage: str, params: dict, own_run: bool) -> Iterator[StageRecord]:
+    """The stage as a child of its execution's pipeline run (found, or made by the first stage that runs).
+
+    Stages with runs of their own (``own_run``: train, evaluate) create them under the pipeline run
+    (through ``DITPIPE_MLFLOW_PARENT``); for the others a child run gets the stage's section as params and
+    the numeric figures of its summary as metrics. The pipeline run ends FINISHED after each stage that
+    does (FAILED when one fails) and carries the DVC-locked hash of every output DVC recorded so far.
+    """
+    record = StageRecord()
+    if not cfg.enabled:
+        yield record
+        return
+    check_reachable(cfg)
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    parent = pipeline_run(client, experiment_id(client, cfg.experiment, uri))
+    client.update_run(parent, status="RUNNING")
+    started = int(time.time() * 1000)
+    before, os.environ[PARENT_ENV] = os.environ.get(PARENT_ENV), parent
+    try:
+        yield record
+    except BaseException as exc:
+        with contextlib.suppress(Exception):  # the stage's error matters more than the record of it
+            status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+            if not own_run:
+                _stage_child(client, parent, stage, params, {}, started, status, error=str(exc)[:5000])
+            client.set_terminated(parent, status)
+        raise
+    finally:
+        if before is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = before
+    try:
+        if not own_run:
+            _stage_child(client, parent, stage, params, record.summary or {}, started, "FINISHED")
+        from mlflow.entities import RunTag
+
+        client.log_batch(parent, tags=[RunTag(k, v) for k, v in dvc_lock_tags(stages=STAGE_ORDER).items()])
+        client.set_terminated(parent, "FINISHED")
+    except Exception as exc:  # noqa: BLE001 - the work is done and on disk; a tracking hiccup must not fail it
+        log.warning("could not record stage %s in MLflow: %s", stage, exc)
+
+
+STAGE_ORDER = (*DATA_STAGES, "train", "evaluate", "export")
+
+
+def pipeline_run(client, exp_id: str) -> str:
+    """The parent run of this execution, created by its first stage."""
+    exec_id, name = execution()
+    found = client.search_runs([exp_id], f"tags.`ditpipe.execution` = '{exec_id}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {"ditpipe.execution": exec_id, "ditpipe.stage": "pipeline", **origin_tags()}
+    return client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+
+
+def _stage_child(client, parent: str, stage: str, params: dict, summary: dict, started: int, status: str,
+                 error: str | None = None) -> str:
+    from mlflow.entities import Metric, Param
+
+    exp_id = client.get_run(parent).info.experiment_id
+    tags = {"mlflow.parentRunId": parent, "ditpipe.stage": stage, **origin_tags(), **dvc_lock_tags(),
+            **({"ditpipe.error": error} if error else {})}
+    run = client.create_run(exp_id, run_name=stage, start_time=started, tags=tags).info.run_id
+    flat = [Param(k, v[:6000]) for k, v in flatten(params).items()]
+    for i in range(0, len(flat), 100):
+        client.log_batch(run, params=flat[i : i + 100])
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in numbers(summary).items()]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run, metrics=metrics[i : i + 1000])
+    if summary:
+        client.set_tag(run, "ditpipe.summary", json.dumps(summary, default=str, sort_keys=True)[:5000])
+    client.set_terminated(run, status)
+    return run
 
 
 def log_evaluation(cfg: TrackingConfig, train_run_id: str | None, step: int, metrics: dict[str, float | None],
@@ -229,7 +382,11 @@ def log_evaluation(cfg: TrackingConfig, train_run_id: str | None, step: int, met
         exp_id = parent.info.experiment_id
     else:
         exp_id = experiment_id(client, cfg.experiment, uri)
-    tags = {**({"mlflow.parentRunId": train_run_id} if parent is not None else {}), **origin_tags()}
+    # Under the pipeline run when there is one (a stage of an execution), else under the training run.
+    under = os.environ.get(PARENT_ENV) or (train_run_id if parent is not None else None)
+    tags = {**({"mlflow.parentRunId": under} if under else {}), "ditpipe.stage": "evaluate",
+            **({"ditpipe.train_run_id": train_run_id} if train_run_id else {}), **origin_tags(),
+            **dvc_lock_tags(stages=(*DATA_STAGES, "train"))}
     child = client.create_run(exp_id, run_name=f"evaluate-step-{step}", tags=tags).info.run_id
     params = [Param(k, v[:6000]) for k, v in flatten(protocol).items()]
     for i in range(0, len(params), 100):

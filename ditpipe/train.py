@@ -132,12 +132,25 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(mixed_precision=precision, cpu=no_gpu)
 
 
+# train settings a resume may change: they do not change what a step computes, only how long and how logged
+RESUMABLE = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "compile", "peak_tflops",
+             "gradient_checkpointing", "mixed_precision", "num_workers")
+
+
+def resumable(key: str) -> bool:
+    return key in RESUMABLE or key.startswith("eval_")
+
+
+def mutable_keys(resolved: dict) -> frozenset[str]:
+    """Dotted config keys that may differ between a run's resumes (tagged in MLflow, not params)."""
+    keys = {f"train.{k}" for k in resolved["train"] if resumable(k)}
+    keys |= {f"{section}.{k}" for section in ("evaluate", "paths", "tracking") for k in resolved.get(section, {})}
+    return frozenset(keys)
+
+
 def run_fingerprint(resolved: dict, index_hash: str) -> str:
     """What must match to resume: model, objective, optimisation and data (not steps or logging)."""
-    train = {k: v for k, v in resolved["train"].items()
-             if k not in ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "record_keys", "compile",
-                          "peak_tflops", "gradient_checkpointing", "mixed_precision", "num_workers")
-             and not k.startswith("eval_")}
+    train = {k: v for k, v in resolved["train"].items() if not resumable(k)}
     return cache_key(json.dumps(resolved["model"], sort_keys=True), json.dumps(train, sort_keys=True), index_hash)
 
 
@@ -375,7 +388,9 @@ def resume_point(acc: Accelerator, run_dir: Path, fingerprint: str, resolved: di
         found = checkpoints(run_dir)
         if found and read_json(found[-1] / "trainer.json").get("fingerprint") != fingerprint:
             old = read_json(found[-1] / "trainer.json")
-            diff = changed_settings(old.get("config", {}), resolved) or ["the training data (shards index)"]
+            diff = [k for k in changed_settings(old.get("config", {}), resolved)
+                    if not (k.startswith("train.") and resumable(k[len("train."):]))]
+            diff = diff or ["the training data (shards index)"]
             m, t = old.get("config", {}).get("model", {}), old.get("config", {}).get("train", {})
             label = f"{m.get('arch', 'run')}-{str(m.get('size', '')).replace('/', '_')}-step{old.get('step', 0)}"
             moved = set_aside(run_dir, label)
@@ -445,7 +460,8 @@ def _run(acc: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, track: Trac
         model = torch.compile(model)
 
     tracker = tracking.start(track, run_dir, resolved, index_hash, meta.get("mlflow_run_id"), acc.is_main_process,
-                             default_name=f"{model_cfg.arch}-{model_cfg.size.replace('/', '_')}-{cfg.objective}")
+                             default_name=f"{model_cfg.arch}-{model_cfg.size.replace('/', '_')}-{cfg.objective}",
+                             mutable=mutable_keys(resolved))
     with tracker.failed_on_error():  # a crash or Ctrl-C does not leave the MLflow run RUNNING
         prior_seconds = float(meta.get("train_seconds", 0.0))  # loop time of the runs this one resumes
         meta = {"fingerprint": fingerprint, "world_size": acc.num_processes, "num_workers": cfg.num_workers,

@@ -165,7 +165,9 @@ def dit_pipeline(overrides: list[str] | None = None, stages: list[str] | None = 
         raise DitpipeError(f"unknown stage {unknown[0]!r} (known: {', '.join(ORDER)})")
     record = bool(overrides or experiment)
     name = experiment_name(experiment) if record else ""
-    env = {"DITPIPE_FLOW_RUN_ID": str(flow_run.id or ""), **({"DVC_EXP_NAME": name} if name else {})}
+    # One MLflow pipeline run per flow run: every stage's child run goes under it.
+    env = {"DITPIPE_FLOW_RUN_ID": str(flow_run.id or ""), "DITPIPE_FLOW_RUN_NAME": str(flow_run.name or ""),
+           **({"DVC_EXP_NAME": name} if name else {})}
     if record:
         tag_flow_run(name)
     if overrides:

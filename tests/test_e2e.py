@@ -74,7 +74,7 @@ def test_dvc_repro_shapes_then_exp_run_on_twemoji(repo, twemoji_subset):
     check_evaluation(repo)
 
     # more steps: the persisted run resumes from its last checkpoint instead of starting over, and is re-evaluated
-    out = sh(["dvc", "exp", "run", "-S", "train.steps=8"], repo)
+    out = sh(["dvc", "exp", "run", "-n", "more-steps", "-S", "train.steps=8"], repo)
     assert "Running stage 'train'" in out and "resumed from step 6" in out
     assert "Running stage 'evaluate'" in out and "Running stage 'prepare'" not in out
     check_experiments_compare(repo)
@@ -94,6 +94,12 @@ def test_dvc_repro_shapes_then_exp_run_on_twemoji(repo, twemoji_subset):
     assert any("builtin:shapes prompts only" in n for n in metrics["notes"])
     assert json.loads((repo / "artifacts/plots/guidance.json").read_text()) == []
     assert (repo / "artifacts/evaluate/sweep.png").exists()
+    # the shapes run was not deleted by the new data's run: it was moved aside, and DVC brings it back
+    assert [p.name for p in (repo / "artifacts").glob("train.dit-T_2-step8-*")]
+    sh(["dvc", "exp", "apply", "more-steps"], repo)
+    assert json.loads((repo / "artifacts/train/final/ditpipe.json").read_text())["step"] == 8
+    assert json.loads((repo / "artifacts/shards/index.json").read_text())["data"]["source"] == "builtin:shapes"
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
 
 
 def check_evaluation(repo: Path) -> None:
@@ -141,9 +147,13 @@ def check_compare_command(repo: Path) -> None:
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ditpipe")
-    runs = client.search_runs([exp.experiment_id], "params.`train.steps` = '4'")
+    runs = client.search_runs([exp.experiment_id], "tags.`train.steps` = '4'")
     archs = {r.data.params.get("model.arch") for r in runs}
     assert archs == {"dit", "unet"}
+    # each experiment is its own pipeline execution, named after it
+    parents = {r.data.params["model.arch"]: client.get_run(r.data.tags["mlflow.parentRunId"]) for r in runs}
+    for arch, parent in parents.items():
+        assert parent.info.run_name.startswith(f"dvc exp cmp-{arch}-t-2-rf"), parent.info.run_name
     # redrawing the table reads the finished experiments back without running anything
     again = sh(["ditpipe", "compare", "--arch", "dit", "--arch", "unet", "--size", "T/2", "--no-run", "--out", "cmp2"],
                repo)
@@ -151,19 +161,33 @@ def check_compare_command(repo: Path) -> None:
 
 
 def check_mlflow_run(repo: Path, index_sha: str) -> None:
-    """The run's page alone tells what was trained on what."""
+    """One pipeline run for the `dvc repro`, a child per stage with its figures; the training run's page alone
+    tells what was trained on what."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ditpipe")
-    (run,) = client.search_runs([exp.experiment_id], "tags.mlflow.parentRunId IS NULL")
-    assert run.info.status == "FINISHED"
+    (pipeline,) = client.search_runs([exp.experiment_id], "tags.mlflow.parentRunId IS NULL")
+    assert pipeline.data.tags["ditpipe.stage"] == "pipeline" and pipeline.info.run_name.startswith("dvc repro")
+    assert pipeline.info.status == "FINISHED" and len(pipeline.data.tags["mlflow.source.git.commit"]) == 40
+    for stage in ("prepare", "vae", "latents", "text", "shards", "train", "evaluate"):
+        assert pipeline.data.tags[f"dvc.{stage}.md5"], stage  # every output DVC locked in this execution
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{pipeline.info.run_id}'")
+    stages = {c.data.tags["ditpipe.stage"]: c for c in children}
+    assert sorted(stages) == sorted(ALL_STAGES) and all(c.info.status == "FINISHED" for c in children)
+    assert stages["prepare"].data.metrics["accepted"] == 48 and stages["prepare"].data.params["data.count"] == "48"
+    assert stages["vae"].data.metrics["psnr_db"] > 0
+    assert stages["shards"].data.metrics["splits.train.samples"] > 0
+
+    run = stages["train"]
     assert run.data.params["model.size"] == "T/2" and run.data.params["data.source"] == "builtin:shapes"
+    assert run.data.tags["train.steps"] == "6"
     assert run.data.tags["ditpipe.shards_index_sha256"] == index_sha
     assert len(run.data.tags["mlflow.source.git.commit"]) == 40
     for stage in ("prepare", "vae", "latents", "text", "shards"):
         assert run.data.tags[f"dvc.{stage}.md5"].endswith(".dir")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
     assert "eval/fid" in run.data.metrics and "val_loss" in run.data.metrics  # evaluation shows on the run
-    (child,) = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
-    assert child.data.params["sampler"] == "euler" and "eval/kid" in child.data.metrics
+    evaluation = stages["evaluate"]
+    assert evaluation.data.params["sampler"] == "euler" and "eval/kid" in evaluation.data.metrics
+    assert evaluation.data.tags["ditpipe.train_run_id"] == run.info.run_id

@@ -253,8 +253,10 @@ def test_mlflow_run_tells_what_was_trained_on_what(tiny_shards, tmp_path, monkey
     client = MlflowClient(tracking_uri=uri)
     r = client.get_run(s["mlflow_run_id"])
     assert r.info.status == "FINISHED" and r.info.run_name == "dit-T_2-rectified_flow"
-    assert r.data.params["model.arch"] == "dit" and r.data.params["train.steps"] == "4"
+    assert r.data.params["model.arch"] == "dit" and r.data.params["train.lr"] == str(cfg.lr)
+    assert r.data.tags["train.steps"] == "4" and "train.steps" not in r.data.params  # a resume may change it
     assert len(r.data.tags["ditpipe.shards_index_sha256"]) == 64
+    assert not any(k.startswith("dvc.") for k in r.data.tags)  # not run by DVC: no dvc.lock hashes it may not have read
     history = client.get_metric_history(r.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4]
     for key in ("lr", "grad_norm", "images_per_s", "memory_mb", "train_flops", "val_loss"):
@@ -264,6 +266,13 @@ def test_mlflow_run_tells_what_was_trained_on_what(tiny_shards, tmp_path, monkey
     assert (tmp_path / "mlruns").exists()  # artifacts at an absolute location, not wherever cwd was
     exp = client.get_experiment_by_name("t")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the run list
+    # resumed to more steps: the same run, and it says how far it was trained
+    cfg6 = TrainConfig(steps=6, batch_size=4, log_every=2)
+    resolved["train"]["steps"] = 6
+    again = run(model_cfg, cfg6, TrackingConfig(uri=uri, experiment="t"), tiny_shards / "shards", tmp_path / "run",
+                resolved)
+    assert again["mlflow_run_id"] == s["mlflow_run_id"] and again["resumed_from"] == 4
+    assert client.get_run(s["mlflow_run_id"]).data.tags["train.steps"] == "6"
 
 
 @pytest.mark.slow

@@ -106,22 +106,42 @@ def test_prefect_deployment_and_dvc_are_one_pipeline(repo, prefect_env):  # noqa
 
         client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
         exp_id = client.get_experiment_by_name("prefect").experiment_id
-        (train_run,) = client.search_runs([exp_id], "tags.mlflow.parentRunId IS NULL")
-        assert train_run.info.status == "FINISHED" and train_run.data.params["train.steps"] == "4"
+        # MLflow: one pipeline run for the flow run, one child per stage, all carrying the experiment's name.
+        (pipeline,) = client.search_runs([exp_id], "tags.mlflow.parentRunId IS NULL")
+        flow_run_id = pipeline.data.tags["prefect.flow_run_id"]
+        assert pipeline.data.tags["ditpipe.execution"] == f"prefect:{flow_run_id}"
+        assert pipeline.info.status == "FINISHED" and pipeline.data.tags["dvc.experiment"] == exp_name
+        stages = children(client, exp_id, pipeline)
+        assert sorted(stages) == sorted(ORDER)
+        train_run = stages["train"]
+        assert train_run.info.status == "FINISHED" and train_run.data.tags["train.steps"] == "4"
         assert train_run.data.tags["dvc.experiment"] == exp_name and train_run.data.tags["prefect.flow_run_id"]
-        (evaluation,) = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{train_run.info.run_id}'")
-        assert evaluation.info.status == "FINISHED" and evaluation.data.tags["dvc.experiment"] == exp_name
+        assert stages["evaluate"].data.tags["ditpipe.train_run_id"] == train_run.info.run_id
+        assert stages["prepare"].data.metrics["accepted"] == 32
         assert (repo / "artifacts/export/model_index.json").exists()
 
         # The same params again: no stage works. Only a training param changed: train and what follows rerun.
         assert deployment_run(repo, env, tiny) == f"up to date: {', '.join(ORDER)}"
         assert deployment_run(repo, env, [*tiny[:1], "train.steps=5", *tiny[2:]]) == (
             "ran: train, evaluate, export; up to date: prepare, vae, latents, text, shards")
+        # a second pipeline run with only the stages that worked; the resumed training run moved under it and
+        # says it ended at 5 steps
+        latest = [p for p in client.search_runs([exp_id], "tags.mlflow.parentRunId IS NULL")
+                  if p.info.run_id != pipeline.info.run_id]
+        assert len(latest) == 1
+        again = children(client, exp_id, latest[0])
+        assert sorted(again) == ["evaluate", "export", "train"]
+        assert again["train"].info.run_id == train_run.info.run_id and again["train"].data.tags["train.steps"] == "5"
         assert json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], repo, env)) == {}
     finally:
         out = run([sys.executable, "-m", "flows.local", "down"], repo, prefect_env)
     assert "stopped: worker, server" in out
     assert not any((repo / ".prefect-local").glob("*.pid"))
+
+
+def children(client, exp_id: str, parent) -> dict:
+    runs = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return {r.data.tags["ditpipe.stage"]: r for r in runs}
 
 
 def test_bad_override_or_stage_fails_the_flow_before_anything_is_touched(tmp_path):
