@@ -4,39 +4,17 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from ditpipe.stages import ORDER
+from tests.conftest import free_port, mlflow_server
 from tests.test_e2e import check_shards, repo  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: process exited with {proc.returncode}")
-        try:
-            if check():
-                return
-        except Exception:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -45,21 +23,8 @@ def prefect_env(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_UI_ENABLED": "false", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    mlflow_port = free_port()
-    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
-    log = open(tmp_path / "mlflow.log", "w")
-    mlflow = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
-                               str(mlflow_port), "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                               "--artifacts-destination", str(tmp_path / "mlartifacts"), "--workers", "1"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=2).status == 200,
-                 120, "mlflow server", mlflow)
-        yield env
-    finally:
-        mlflow.terminate()
-        mlflow.wait(30)
-        log.close()
+    with mlflow_server(tmp_path, env) as uri:
+        yield {**env, "MLFLOW_TRACKING_URI": uri}
 
 
 def run(cmd: list[str], cwd: Path, env: dict, timeout: float = 700) -> str:
