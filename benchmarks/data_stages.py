@@ -126,6 +126,30 @@ def bench_loader(cfg, batch_size: int = 64) -> None:
         line("npy files", *_timed_files(reread, batch_size), note)
 
 
+def bench_cache_verify(cfg) -> None:
+    """Reading every latents cache entry with and without the sha256 check of its tensors."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ditpipe.cache import TensorCache
+
+    print("\n== cache entries: plain safetensors load vs verified get (tensors against their sha256)")
+    cache = TensorCache(Path(cfg.paths.latents) / "cache", "latents")
+    keys = list(json.loads((Path(cfg.paths.latents) / "index.json").read_text())["samples"].values())
+    for _ in range(2):
+        t = time.perf_counter()
+        for k in keys:
+            load_file(str(cache.path(k)))
+        plain = time.perf_counter() - t
+        t = time.perf_counter()
+        for k in keys:
+            cache.get(k)
+        verified = time.perf_counter() - t
+        print(f"{len(keys)} entries: plain {plain * 1e3:.0f} ms, verified {verified * 1e3:.0f} ms "
+              f"({(verified - plain) / len(keys) * 1e6:+.0f} us per entry)")
+
+
 def _timed_files(reread, batch_size: int) -> tuple[int, int, float]:
     t = time.perf_counter()
     samples = list(reread)  # the reads are what is timed here
@@ -171,6 +195,7 @@ def main() -> None:
                 bench_encode(cfg)
             if args.only in (None, "loader"):
                 bench_loader(cfg)
+                bench_cache_verify(cfg)
     if args.only in (None, "memory"):
         bench_memory(args.sizes)
 
