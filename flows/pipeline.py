@@ -93,10 +93,22 @@ def _stage_task(name: str) -> Callable:
         create_markdown_artifact(
             key=f"stage-{name}", description=f"ditpipe stage {name}",
             markdown=(f"### {name}: {outcome}\n\n| stage | outcome | seconds | summary |\n| --- | --- | --- | --- |\n"
-                      f"| {name} | {outcome} | {result['seconds']} | {summary.replace('|', '/') or '-'} |\n"))
+                      f"| {name} | {outcome} | {result['seconds']} | {summary.replace('|', '/') or '-'} |\n"
+                      + (sample_grid(Path(root)) if name == "evaluate" else "")))
         return result
 
     return stage
+
+
+def sample_grid(root: Path, limit: int = 2_000_000) -> str:
+    """The evaluate stage's sample grid as an inline markdown image (the Prefect UI renders data URLs)."""
+    import base64
+
+    grid = Path(root) / load_config(Path(root) / "params.yaml").paths.evaluate / "grid.png"
+    if not grid.is_file() or grid.stat().st_size > limit:
+        return ""
+    data = base64.b64encode(grid.read_bytes()).decode()
+    return f"\n**Samples** (val prompts, evaluated protocol):\n\n![sample grid](data:image/png;base64,{data})\n"
 
 
 STAGE_TASKS = {name: _stage_task(name) for name in ORDER}

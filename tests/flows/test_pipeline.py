@@ -83,6 +83,9 @@ def test_prefect_deployment_and_dvc_are_one_pipeline(repo, prefect_env):  # noqa
         assert train_run.data.tags["dvc.experiment"] == exp_name and train_run.data.tags["prefect.flow_run_id"]
         assert stages["evaluate"].data.tags["ditpipe.train_run_id"] == train_run.info.run_id
         assert stages["prepare"].data.metrics["accepted"] == 32
+        # the Prefect UI shows each stage's outcome, and the evaluation's sample grid inline
+        art = run([sys.executable, "-m", "prefect", "artifact", "inspect", "stage-evaluate"], repo, env)
+        assert "evaluate: ran" in art and "data:image/png;base64," in art
         assert (repo / "artifacts/export/model_index.json").exists()
 
         # The same params again: no stage works. Only a training param changed: train and what follows rerun.
@@ -158,3 +161,20 @@ def test_overrides_go_into_params_yaml_as_dvc_writes_them_or_not_at_all(tmp_path
     with pytest.raises(DitpipeError, match="DVC reads train.steps differently"):
         apply_overrides.fn(str(tmp_path), ["train.steps=1000"])
     assert (tmp_path / "params.yaml").read_bytes() == before  # left as it was
+
+
+def test_the_evaluate_artifact_carries_the_sample_grid(tmp_path):
+    import base64
+
+    from PIL import Image
+
+    from flows.pipeline import sample_grid
+    from tests.conftest import committed
+
+    (tmp_path / "params.yaml").write_bytes(committed("params.yaml"))
+    assert sample_grid(tmp_path) == ""  # no evaluation yet: no picture
+    (tmp_path / "artifacts/evaluate").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "artifacts/evaluate/grid.png")
+    md = sample_grid(tmp_path)
+    data = md.split("data:image/png;base64,", 1)[1].split(")", 1)[0]
+    assert base64.b64decode(data) == (tmp_path / "artifacts/evaluate/grid.png").read_bytes()
