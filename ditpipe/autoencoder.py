@@ -15,7 +15,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ditpipe.errors import DitpipeError
-from ditpipe.io import read_jsonl
+from ditpipe.io import pixel_hash, read_jsonl
+
+REPREPARE = "re-run `ditpipe prepare` (or `dvc checkout prepare` if DVC has it cached)"
 
 
 def downsample_factor(vae: AutoencoderKL) -> int:
@@ -34,8 +36,25 @@ def to_image(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
+def load_prepared(root: Path, row: dict) -> Image.Image:
+    """One prepared image (a ``samples.jsonl`` row), checked against the pixel sha256 ``prepare`` recorded."""
+    path = Path(root) / row["file"]
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except FileNotFoundError:
+        raise DitpipeError(f"prepared image {path} is missing: {REPREPARE}") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for a cut or garbled file
+        raise DitpipeError(f"prepared image {path} is damaged ({exc}): {REPREPARE}") from None
+    if pixel_hash(img) != row["sha256"]:
+        raise DitpipeError(f"prepared image {path} is damaged (its pixels differ from the sha256 in samples.jsonl): "
+                           f"{REPREPARE}")
+    return img
+
+
 class PreparedImages(Dataset):
-    """Images of one split of a prepared folder, as [-1, 1] tensors; loaded lazily."""
+    """Images of one split of a prepared folder, as [-1, 1] tensors; loaded lazily, each checked against the
+    pixel sha256 ``prepare`` recorded for it (a damaged image is an error naming it, never encoded)."""
 
     def __init__(self, prepared: str | Path, split: str | None, flip: bool = False):
         self.root = Path(prepared)
@@ -47,8 +66,7 @@ class PreparedImages(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.root / self.rows[i]["file"]) as img:
-            x = to_tensor(img)
+        x = to_tensor(load_prepared(self.root, self.rows[i]))
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x

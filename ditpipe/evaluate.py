@@ -30,7 +30,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ditpipe import judge, tracking
-from ditpipe.autoencoder import reconstruct, to_image
+from ditpipe.autoencoder import load_prepared, reconstruct, to_image
 from ditpipe.config import EvaluateConfig, TrackingConfig
 from ditpipe.errors import DitpipeError
 from ditpipe.generate import Drawer, load_drawer
@@ -123,11 +123,7 @@ def reference_rows(prepared: Path, split: str, count: int) -> list[dict]:
 
 
 def real_images(prepared: Path, rows: list[dict]) -> list[Image.Image]:
-    out = []
-    for r in rows:
-        with Image.open(prepared / r["file"]) as img:
-            out.append(img.convert("RGB"))
-    return out
+    return [load_prepared(prepared, r).convert("RGB") for r in rows]
 
 
 def reference_features(prepared: Path, cfg: EvaluateConfig, backbone, cache_dir: Path) -> Reference | None:

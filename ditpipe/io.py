@@ -38,6 +38,12 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def pixel_hash(img) -> str:
+    """Content identity of a normalized (PIL) image: its pixels, not its encoding. ``prepare`` records it per
+    sample; whoever reads a prepared image checks it."""
+    return sha256_bytes(f"{img.mode}{img.size}".encode() + img.tobytes())
+
+
 def cache_key(*parts: object) -> str:
     """A stable hex key from the parts that decide a cached value."""
     return sha256_bytes("\x1f".join(str(p) for p in parts).encode())

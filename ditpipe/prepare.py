@@ -22,10 +22,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from ditpipe.config import DataConfig
-from ditpipe.data.images import NormalizeSpec, Rejected, normalize, pixel_hash, png_bytes, to_rgb
+from ditpipe.data.images import NormalizeSpec, Rejected, normalize, png_bytes, to_rgb
 from ditpipe.data.readers import RawSample, open_source
 from ditpipe.errors import DitpipeError
-from ditpipe.io import sha256_bytes, staged_dir, write_json
+from ditpipe.io import pixel_hash, sha256_bytes, staged_dir, write_json
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 

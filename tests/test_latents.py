@@ -154,3 +154,19 @@ def test_a_second_writer_of_one_cache_is_refused_at_once(upstream):
         holder.wait()
     with exclusive(p / "latents"):  # a dead holder's lock is free
         pass
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda p: __import__("PIL.Image").Image.new("RGB", (16, 16), "red").save(p), "pixels differ from the sha256"),
+    (lambda p: p.write_bytes(p.read_bytes()[:60]), "damaged"),
+    (lambda p: p.unlink(), "is missing"),
+])
+def test_a_damaged_prepared_image_is_named_not_encoded(upstream, damage, why):
+    from ditpipe.errors import DitpipeError
+    from ditpipe.io import read_jsonl
+
+    p = upstream
+    row = next(read_jsonl(p / "prepared" / "samples.jsonl"))
+    damage(p / "prepared" / row["file"])
+    with pytest.raises(DitpipeError, match=f"prepared image .*{row['file']}.*{why}.*re-run `ditpipe prepare`"):
+        run(LatentsConfig(batch_size=16), p / "prepared", p / "vae", p / "latents")

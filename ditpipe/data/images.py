@@ -103,10 +103,3 @@ def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=False, compress_level=6)
     return buf.getvalue()
-
-
-def pixel_hash(img: Image.Image) -> str:
-    """Content identity of a normalized image: its pixels, not its encoding."""
-    from ditpipe.io import sha256_bytes
-
-    return sha256_bytes(f"{img.mode}{img.size}".encode() + img.tobytes())
