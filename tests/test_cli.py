@@ -24,8 +24,8 @@ def test_bad_override_is_one_line_not_a_traceback(tmp_path):
     assert not (tmp_path / "artifacts").exists()  # failed before any work
 
 
-def test_missing_upstream_is_named(tmp_path):
-    proc = run_cli("latents", cwd=tmp_path, check=False)
+def test_missing_upstream_is_named(tmp_path, cli):
+    proc = cli("latents", cwd=tmp_path)
     assert proc.returncode == 2
     assert "run `ditpipe prepare` first" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -3,7 +3,6 @@ import torch
 
 from ditpipe.errors import ConfigError
 from ditpipe.models import ARCHS, DiT, Spec, build_model, count_parameters, preset_table
-from tests.conftest import run_cli
 
 PAPER = {"S/2": (33.0, 6.06), "B/2": (130.5, 23.01), "L/2": (458.1, 80.71), "XL/2": (675.1, 118.64)}
 
@@ -83,8 +82,8 @@ def test_bad_sizes_are_named():
         build_model("vit", "T/2", SPEC)
 
 
-def test_models_command_prints_the_paper_table():
-    out = run_cli("models", "--class-conditional").stdout
+def test_models_command_prints_the_paper_table(cli, tmp_path):
+    out = cli("models", "--class-conditional", cwd=tmp_path).stdout
     assert "XL/2" in out and "675.13M" in out and "118.6" in out
-    out = run_cli("models", "--resolution", "32", "--downsample", "4", "--arch", "cross").stdout
+    out = cli("models", "--resolution", "32", "--downsample", "4", "--arch", "cross", cwd=tmp_path).stdout
     assert "cross  XS/2" in out and "mmdit" not in out
