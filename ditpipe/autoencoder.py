@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ditpipe.errors import DitpipeError
-from ditpipe.io import pixel_hash, read_jsonl
+from ditpipe.io import pixel_hash, read_jsonl, verify_tree
 
 REPREPARE = "re-run `ditpipe prepare` (or `dvc checkout prepare` if DVC has it cached)"
 
@@ -73,8 +73,12 @@ class PreparedImages(Dataset):
 
 
 def load_vae(pretrained: str, subfolder: str = "") -> AutoencoderKL:
-    """``AutoencoderKL.from_pretrained`` with a clear error for a bad id or path."""
+    """``AutoencoderKL.from_pretrained`` with a clear error for a bad id or path; a folder the ``vae`` stage wrote
+    is checked against its ``checksums.json`` first."""
     kwargs = {"subfolder": subfolder} if subfolder else {}
+    folder = Path(pretrained) / subfolder
+    if (folder / "checksums.json").is_file() and (problem := verify_tree(folder)):
+        raise DitpipeError(f"the VAE at {folder} is damaged: {problem}; re-run `ditpipe vae` (or `dvc checkout vae`)")
     try:
         return AutoencoderKL.from_pretrained(pretrained, **kwargs)
     except (OSError, ValueError) as exc:

@@ -25,7 +25,7 @@ from ditpipe import judge
 from ditpipe.autoencoder import PreparedImages, downsample_factor, load_vae, reconstruct, to_image
 from ditpipe.config import VaeConfig
 from ditpipe.errors import DitpipeError
-from ditpipe.io import read_json, resolve_device, staged_dir, state_dict_hash, write_json
+from ditpipe.io import checksum_tree, read_json, resolve_device, staged_dir, state_dict_hash, write_json
 
 
 def build_vae(cfg: VaeConfig, resolution: int) -> AutoencoderKL:
@@ -187,6 +187,7 @@ def run(cfg: VaeConfig, prepared: str | Path, out_dir: str | Path) -> dict:
         grid.save(tmp / "recon.png")
         write_json(tmp / "report.json", report)
         write_json(tmp / "losses.json", [round(v, 6) for v in losses])
+        checksum_tree(tmp)  # latents, train and evaluate check the VAE against it before loading
     return {**report, "seconds": round(time.perf_counter() - t0, 2), "out": str(out_dir)}
 
 

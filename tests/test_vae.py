@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from ditpipe.autoencoder import PreparedImages, downsample_factor
+from ditpipe.autoencoder import PreparedImages, downsample_factor, load_vae
 from ditpipe.config import DataConfig, VaeConfig
 from ditpipe.errors import DitpipeError
 from ditpipe.prepare import run as prepare
@@ -34,6 +34,15 @@ def test_trains_saves_and_reports(prepared, tmp_path):
     config = json.loads((tmp_path / "vae" / "config.json").read_text())
     assert config["scaling_factor"] == pytest.approx(report["scaling_factor"])
     assert (tmp_path / "vae" / "recon.png").exists()
+    # the folder carries checksums; a damaged weight file is refused by whoever loads it, naming the file
+    assert "diffusion_pytorch_model.safetensors" in json.loads((tmp_path / "vae" / "checksums.json").read_text())
+    load_vae(str(tmp_path / "vae"))
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # inside the weights: diffusers would load it without a word
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DitpipeError, match="VAE at .* is damaged: diffusion_pytorch_model.safetensors does not match"):
+        load_vae(str(tmp_path / "vae"))
 
 
 def test_judged_reconstructions_only_for_shapes_captions(prepared, tmp_path, twemoji_subset):
