@@ -38,15 +38,25 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
+def leaves(d: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(dotted key, value) of every non-dict value of a nested dict."""
     for k, v in d.items():
-        key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(flatten(v, f"{key}."))
+            yield from leaves(v, f"{prefix}{k}.")
         else:
-            out[key] = str(v)
-    return out
+            yield f"{prefix}{k}", v
+
+
+def flatten(d: dict) -> dict[str, str]:
+    return {k: str(v) for k, v in leaves(d)}
+
+
+def log_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    batch = [Param(k, v[:6000]) for k, v in params.items()]
+    for i in range(0, len(batch), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=batch[i : i + 100])
 
 
 def git_commit() -> str | None:
@@ -119,16 +129,9 @@ def metric_name(key: str) -> str:
     return re.sub(r"[^\w\-./ ]", "_", key)[:250]
 
 
-def numbers(d: dict, prefix: str = "") -> dict[str, float]:
+def numbers(d: dict) -> dict[str, float]:
     """The numeric leaves of a summary, as dotted metric names."""
-    out: dict[str, float] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(numbers(v, f"{key}."))
-        elif isinstance(v, int | float) and not isinstance(v, bool):
-            out[metric_name(key)] = float(v)
-    return out
+    return {metric_name(k): float(v) for k, v in leaves(d) if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 class NullTracker:
@@ -236,7 +239,7 @@ def start(cfg: TrackingConfig, run_dir: Path, resolved: dict, index_hash: str, r
     """
     if not cfg.enabled or not is_main:
         return NullTracker()
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -258,9 +261,7 @@ def start(cfg: TrackingConfig, run_dir: Path, resolved: dict, index_hash: str, r
     exp_id = experiment_id(client, cfg.experiment, uri)
     run = client.create_run(exp_id, run_name=cfg.run_name or default_name,
                             tags={"ditpipe.run_dir": str(run_dir.resolve()), "ditpipe.stage": "train", **now_tags})
-    params = [Param(k, v[:6000]) for k, v in flat.items() if k not in mutable]
-    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    log_params(client, run.info.run_id, {k: v for k, v in flat.items() if k not in mutable})
     return MlflowTracker(client, run.info.run_id)
 
 
@@ -332,15 +333,13 @@ def pipeline_run(client, exp_id: str) -> str:
 
 def _stage_child(client, parent: str, stage: str, params: dict, summary: dict, started: int, status: str,
                  error: str | None = None) -> str:
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric
 
     exp_id = client.get_run(parent).info.experiment_id
     tags = {"mlflow.parentRunId": parent, "ditpipe.stage": stage, **origin_tags(), **dvc_lock_tags(),
             **({"ditpipe.error": error} if error else {})}
     run = client.create_run(exp_id, run_name=stage, start_time=started, tags=tags).info.run_id
-    flat = [Param(k, v[:6000]) for k, v in flatten(params).items()]
-    for i in range(0, len(flat), 100):
-        client.log_batch(run, params=flat[i : i + 100])
+    log_params(client, run, flatten(params))
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in numbers(summary).items()]
     for i in range(0, len(metrics), 1000):
@@ -360,7 +359,7 @@ def log_evaluation(cfg: TrackingConfig, train_run_id: str | None, step: int, met
     """
     if not cfg.enabled:
         return None
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, RunTag
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -388,9 +387,7 @@ def log_evaluation(cfg: TrackingConfig, train_run_id: str | None, step: int, met
             **({"ditpipe.train_run_id": train_run_id} if train_run_id else {}), **origin_tags(),
             **dvc_lock_tags(stages=(*DATA_STAGES, "train"))}
     child = client.create_run(exp_id, run_name=f"evaluate-step-{step}", tags=tags).info.run_id
-    params = [Param(k, v[:6000]) for k, v in flatten(protocol).items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(child, params=params[i : i + 100])
+    log_params(client, child, flatten(protocol))
     client.log_batch(child, metrics=[Metric(k, v, now, step) for k, v in values])
     for key, image in images.items():
         client.log_image(child, image, key=f"eval/{key}", step=step)
