@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -150,6 +151,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+try:
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+except (AttributeError, OSError):
+    _renameat2 = None
+
+
+def exchange(a: str | Path, b: str | Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so that at every instant
+    each name holds one of the two. False where the kernel or the filesystem cannot (the caller falls back)."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):
+        return False  # not supported here (old kernel, some network and FUSE filesystems)
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def recover_staged(final: Path) -> None:
     """Undo what a killed ``staged_dir`` left: put the previous output back if the kill fell between its two
     renames, and delete the temp folders of processes that are gone (their pid is in the name)."""
@@ -222,7 +244,8 @@ def exclusive(folder: str | Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def staged_dir(final: str | Path) -> Iterator[Path]:
-    """Build a whole output folder under a temp name; swap it in only on success. One writer at a time."""
+    """Build a whole output folder under a temp name; swap it in only on success, in one step where the
+    filesystem can (readers see the old output or the new one, never neither). One writer at a time."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(final):
@@ -235,7 +258,9 @@ def _staged(final: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
-        if final.exists():
+        if final.exists() and exchange(tmp, final):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the previous output; a kill here leaves it to recover_staged
+        elif final.exists():
             old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)

@@ -27,6 +27,59 @@ def test_a_kill_between_the_two_renames_gets_the_previous_output_back(tmp_path):
     assert (final / "samples.jsonl").read_text() == "previous\n" and not old.exists()
 
 
+def test_readers_find_the_old_output_or_the_new_one_at_every_instant_of_a_swap(tmp_path):
+    """A reader process polls the output while it is replaced 1,000 times. With the swap as two renames it
+    found nothing about once in a hundred reads around a swap; exchanged in one step it never does."""
+    import subprocess
+    import sys
+
+    final, stop = tmp_path / "shards", tmp_path / "stop"
+    with staged_dir(final) as tmp:
+        (tmp / "index.json").write_text("0")
+    reader = subprocess.Popen([sys.executable, "-c", f"""import os
+reads = misses = 0
+while not os.path.exists({str(stop)!r}):
+    reads += 1
+    misses += not os.path.exists({str(final / "index.json")!r})
+print(reads, misses)"""], stdout=subprocess.PIPE, text=True)
+    try:
+        for i in range(1000):
+            with staged_dir(final) as tmp:
+                (tmp / "index.json").write_text(str(i + 1))
+    finally:
+        stop.touch()
+    reads, misses = map(int, reader.communicate(timeout=30)[0].split())
+    assert reads > 10_000 and misses == 0, f"{misses} of {reads} reads found no output"
+    assert (final / "index.json").read_text() == "1000"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shards.lock", "shards", "stop"]
+
+
+def test_a_kill_right_after_the_swap_leaves_the_new_output_and_the_next_run_removes_the_old(tmp_path, monkeypatch):
+    import shutil
+
+    from ditpipe import io
+
+    final = tmp_path / "prepared"
+    with staged_dir(final) as tmp:
+        (tmp / "v").write_text("old")
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *a, **k):  # the process dies as it starts removing the swapped-out folder
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt), staged_dir(final) as tmp:
+        (tmp / "v").write_text("new")
+    monkeypatch.setattr(io.shutil, "rmtree", real_rmtree)
+    assert (final / "v").read_text() == "new"
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-prepared-")]
+    assert len(left) == 1 and (left[0] / "v").read_text() == "old"
+    monkeypatch.setattr(io, "_pid_alive", lambda pid: False)  # as after the kill: its pid is gone
+    with staged_dir(final) as tmp:
+        (tmp / "v").write_text("newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".prepared.lock", "prepared"]
+
+
 def test_temp_folders_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     final = tmp_path / "shards"
     final.mkdir()
@@ -89,3 +142,27 @@ def test_a_killed_writers_lock_is_taken_over_and_said_so(tmp_path, capsys):
     with exclusive(tmp_path / "out"):  # released cleanly this time: nothing to report
         pass
     assert "taking over" not in capsys.readouterr().err
+
+
+def test_where_the_filesystem_cannot_exchange_the_swap_falls_back_to_two_renames(tmp_path, monkeypatch):
+    from ditpipe import io
+
+    final = tmp_path / "latents"
+    with staged_dir(final) as tmp:
+        (tmp / "v").write_text("old")
+    monkeypatch.setattr(io, "exchange", lambda a, b: False)
+    with staged_dir(final) as tmp:
+        (tmp / "v").write_text("new")
+    assert (final / "v").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".latents.lock", "latents"]
+
+
+def test_exchange_swaps_two_folders_and_names_a_missing_one(tmp_path):
+    from ditpipe.io import exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("a"), (b / "x").write_text("b")
+    assert exchange(a, b) and (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+    with pytest.raises(FileNotFoundError, match="missing"):
+        exchange(a, tmp_path / "missing")
