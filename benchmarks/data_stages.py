@@ -5,6 +5,7 @@
 
 1. encode: latents (images/s) and text (captions/s), batched as the stages do it vs a per-sample loop.
 2. loader: samples/s and MB/s from the shards vs the same arrays from memory and from one .npy per sample.
+   resume: time to the first sample of a resume 10.5 epochs in, skipping by index counts vs reading to skip.
 3. memory: peak RSS of `ditpipe prepare` and `ditpipe shards` at 1k and 10k samples (must not grow).
 """
 
@@ -150,6 +151,22 @@ def bench_cache_verify(cfg) -> None:
               f"({(verified - plain) / len(keys) * 1e6:+.0f} us per entry)")
 
 
+def bench_resume(cfg, epochs: float = 10.5) -> None:
+    """Time to the first sample of a resume deep into training: read-and-drop vs skipping by the index."""
+    from ditpipe.loader import ShardStream
+
+    print(f"\n== resume: first sample after skipping {epochs} epochs, reading to skip vs skipping by index counts")
+    entries = shard_entries(cfg.paths.shards, "train")
+    skip = int(epochs * sum(e["samples"] for e in entries.values()))
+    for guided in (False, True, False, True):
+        stream = ShardStream(list(entries), expect=entries if guided else {}, infinite=True, shuffle_buffer=1000)
+        loader_mod._VERIFIED.clear()
+        t = time.perf_counter()
+        next(stream.raw_samples(0, 1, skip))
+        print(f"{'by index' if guided else 'read to skip':13} {time.perf_counter() - t:7.3f} s to the first sample "
+              f"after {skip} ({len(entries)} shards)")
+
+
 def _timed_files(reread, batch_size: int) -> tuple[int, int, float]:
     t = time.perf_counter()
     samples = list(reread)  # the reads are what is timed here
@@ -196,6 +213,7 @@ def main() -> None:
             if args.only in (None, "loader"):
                 bench_loader(cfg)
                 bench_cache_verify(cfg)
+                bench_resume(cfg)
     if args.only in (None, "memory"):
         bench_memory(args.sizes)
 

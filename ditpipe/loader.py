@@ -16,9 +16,10 @@ import hashlib
 import io
 import itertools
 import json
+import operator
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -162,45 +163,121 @@ class ShardStream(IterableDataset):
         """
         return len(range(worker, self.skip_batches, num_workers)) * self.batch_size
 
-    def epoch_stream(self, epoch: int, consumer: int, consumers: int) -> Iterator[dict]:
-        """Undecoded samples of ``epoch`` for consumer ``consumer`` of ``consumers``."""
+    def epoch_shards(self, epoch: int, consumers: int) -> tuple[list[str], bool]:
+        """The shard order of ``epoch``, and whether consumers share every shard (fewer shards than consumers:
+        each keeps every n-th sample) instead of taking every n-th shard."""
         order = list(self.urls)
         if self.infinite:
             random.Random(f"{self.seed}-{epoch}").shuffle(order)
-        if len(order) >= consumers:
-            for url in verified_in_turn(order[consumer::consumers], self.expect):
-                yield from read_tar(url, self.expect.get(url))
-        else:  # fewer shards than consumers: everyone reads everything, keeps every n-th sample
-            i = 0
-            for url in verified_in_turn(order, self.expect):
-                for sample in read_tar(url, self.expect.get(url)):
-                    if i % consumers == consumer:
-                        yield sample
-                    i += 1
+        return order, len(order) < consumers
+
+    def epoch_counts(self, epoch: int, consumer: int, consumers: int) -> list[tuple[str, int]] | None:
+        """``(url, how many of its samples go to consumer)`` for the shards the consumer reads in ``epoch``,
+        from the index entries (None when a url has none: then a resume has to read to skip)."""
+        order, shared = self.epoch_shards(epoch, consumers)
+        if any(u not in self.expect for u in order):
+            return None
+        if not shared:
+            return [(u, self.expect[u]["samples"]) for u in order[consumer::consumers]]
+        out, start = [], 0
+        for u in order:
+            end = start + self.expect[u]["samples"]
+            out.append((u, len(range(consumer, end, consumers)) - len(range(consumer, start, consumers))))
+            start = end
+        return out
+
+    def epoch_stream(self, epoch: int, consumer: int, consumers: int,
+                     needed: Callable[[int], bool] | None = None) -> Iterator[dict]:
+        """Undecoded samples of ``epoch`` for consumer ``consumer`` of ``consumers``. With ``needed`` (does the
+        consumer still need its sample at this position of the epoch?) every other sample is the placeholder
+        ``SKIPPED``, and a shard holding none that is needed is not opened at all."""
+        order, shared = self.epoch_shards(epoch, consumers)
+        if needed is None:
+            plan = [(u, True) for u in (order if shared else order[consumer::consumers])]
+        else:
+            plan, pos = [], 0
+            for url, n in self.epoch_counts(epoch, consumer, consumers):
+                plan.append((url, any(needed(i) for i in range(pos, pos + n))))
+                pos += n
+        reading = verified_in_turn([u for u, read in plan if read], self.expect)
+        pos = i = 0  # the consumer's position in the epoch; the sample's index among every consumer's
+        for url, read in plan:
+            if not read:
+                mine = len(range(consumer, i + self.expect[url]["samples"], consumers)) - len(
+                    range(consumer, i, consumers)) if shared else self.expect[url]["samples"]
+                yield from itertools.repeat(SKIPPED, mine)
+                pos, i = pos + mine, i + self.expect[url]["samples"]
+                continue
+            next(reading)  # hashed by now, or hashing raises
+            for sample in read_tar(url, self.expect.get(url)):
+                i += 1
+                if shared and (i - 1) % consumers != consumer:
+                    continue
+                yield sample if needed is None or needed(pos) else SKIPPED
+                pos += 1
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
         consumer, consumers = self.rank * nworkers + wid, self.world_size * nworkers
         skip = self.samples_to_skip(wid, nworkers)  # resuming: fast-forward without decoding
-        for sample in itertools.islice(self.raw_samples(consumer, consumers), skip, None):
+        for sample in self.raw_samples(consumer, consumers, skip):
             yield decode(sample)
 
-    def raw_samples(self, consumer: int, consumers: int) -> Iterator[dict]:
+    def epoch_rng(self, epoch: int, consumer: int) -> random.Random:
+        return random.Random(f"{self.seed}-{epoch}-{consumer}")
+
+    def raw_samples(self, consumer: int, consumers: int, skip: int = 0) -> Iterator[dict]:
+        """Undecoded samples from the ``skip``-th on. A resume skips whole epochs without reading, then whole
+        shards, and reads only the shards holding a sample still to come (or still in the shuffle buffer):
+        the index's sample counts say where each epoch and shard begins."""
         epoch = 0
         while True:
-            stream = self.epoch_stream(epoch, consumer, consumers)
+            counts = self.epoch_counts(epoch, consumer, consumers) if skip else None
+            needed = None
+            if counts is not None:
+                n = sum(c for _, c in counts)
+                if skip >= n:
+                    skip -= n
+                    if not self.infinite:
+                        return
+                    epoch += 1
+                    continue
+                needed = self.still_needed(n, skip, epoch, consumer)
+            stream = self.epoch_stream(epoch, consumer, consumers, needed)
             if self.shuffle_buffer > 1:
-                stream = shuffled(stream, self.shuffle_buffer, random.Random(f"{self.seed}-{epoch}-{consumer}"))
-            yield from stream
+                stream = shuffled(stream, self.shuffle_buffer, self.epoch_rng(epoch, consumer))
+            for sample in stream:
+                if skip:  # with ``needed`` these are placeholders; without, samples read only to be dropped
+                    skip -= 1
+                    continue
+                assert sample is not SKIPPED, "a resume skipped a sample it still needed"
+                yield sample
             if not self.infinite:
                 return
             epoch += 1
 
+    def still_needed(self, n: int, skip: int, epoch: int, consumer: int) -> Callable[[int], bool]:
+        """Which positions (in an epoch of ``n``) come out after the first ``skip``: those still in the shuffle
+        buffer then, and those not read yet. The shuffle depends only on counts and its seed, so it is
+        replayed on positions, not on data."""
+        if self.shuffle_buffer <= 1:
+            return range(skip, n).__contains__
+        positions, buf = iter(range(n)), []
+        for _ in itertools.islice(shuffled(positions, self.shuffle_buffer, self.epoch_rng(epoch, consumer), buf),
+                                  skip):
+            pass
+        held, unread = frozenset(buf), n - operator.length_hint(positions)
+        return lambda i: i >= unread or i in held
 
-def shuffled(stream: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    """Bounded-buffer shuffle: memory stays at ``size`` samples whatever the dataset."""
-    buf: list[dict] = []
+
+SKIPPED: dict = {}  # stands in for a sample a resume has already trained on (never decoded, never yielded)
+
+
+def shuffled(stream: Iterator[dict], size: int, rng: random.Random, buf: list | None = None) -> Iterator[dict]:
+    """Bounded-buffer shuffle: memory stays at ``size`` samples whatever the dataset. ``buf`` (an empty list)
+    lets a caller look into the buffer."""
+    buf = [] if buf is None else buf
     for item in stream:
         if len(buf) < size:
             buf.append(item)

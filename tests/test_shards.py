@@ -1,4 +1,5 @@
 import io
+import itertools
 import tarfile
 from collections import Counter
 
@@ -109,6 +110,37 @@ def test_ranks_and_workers_split_an_epoch_exactly(built, world, workers):
 
 def test_infinite_stream_reshuffles_each_epoch(built):
     assert _epoch_keys(built, 0, 1, 1, 0) != _epoch_keys(built, 0, 1, 1, 1)
+
+
+@pytest.mark.parametrize("consumers", [1, 3, 9])  # 9 consumers > 7 shards: every consumer reads every shard
+@pytest.mark.parametrize("buffer", [0, 10])
+def test_a_resume_skips_epochs_and_shards_unread_and_continues_the_same_stream(built, monkeypatch, consumers,
+                                                                               buffer):
+    from ditpipe import loader
+    from ditpipe.loader import shard_entries
+
+    entries = shard_entries(str(built / "shards"), "train")
+    stream = ShardStream(list(entries), expect=entries, infinite=True, seed=3, shuffle_buffer=buffer)
+    opened = []
+    real_read_tar = loader.read_tar
+    monkeypatch.setattr(loader, "read_tar", lambda url, expect=None: opened.append(url) or real_read_tar(url, expect))
+    consumer = consumers - 1
+    sizes = [sum(n for _, n in stream.epoch_counts(e, consumer, consumers)) for e in range(3)]  # epochs differ
+    starts = [0, sizes[0], sizes[0] + sizes[1]]
+    straight = [s["__key__"] for s in itertools.islice(stream.raw_samples(consumer, consumers), sum(sizes))]
+    for epoch, into in ((0, 1), (0, sizes[0] - 1), (1, 0), (2, sizes[2] // 2)):
+        skip = starts[epoch] + into
+        resumed = [s["__key__"] for s in itertools.islice(stream.raw_samples(consumer, consumers, skip),
+                                                          sum(sizes) - skip)]
+        assert resumed == straight[skip:]  # exactly the samples the uninterrupted stream gives next
+        opened.clear()  # what the rest of the epoch it resumes in reads:
+        list(itertools.islice(stream.raw_samples(consumer, consumers, skip), sizes[epoch] - into))
+        order, shared = stream.epoch_shards(epoch, consumers)
+        mine = order if shared else order[consumer::consumers]
+        assert set(opened) <= set(mine)  # nothing of the epochs it skipped
+        if buffer == 0 and not shared:  # and no shard whose samples all came before the resume point
+            done = list(itertools.accumulate(entries[u]["samples"] for u in mine))
+            assert len(opened) == len(mine) - sum(d <= into for d in done)
 
 
 def test_no_pickle_in_shards(tmp_path):
