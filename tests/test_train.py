@@ -348,6 +348,55 @@ def test_two_processes_with_accelerate_launch(tiny_shards, tmp_path):
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4, 5]  # logged once
 
 
+def _launch_two_machines(params, port: int) -> list[subprocess.CompletedProcess]:
+    """``accelerate launch`` as on two nodes: one process per machine, machine ranks 0 and 1, the rendezvous
+    on 127.0.0.1 (on a real cluster: the first node's address, and the same command on each node)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2", "--machine_rank",
+         str(rank), "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ditpipe", "train", "--params", str(params)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    out = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        out.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return out
+
+
+@pytest.mark.slow
+def test_two_machines_train_and_resume(tiny_shards, tmp_path):
+    """Two nodes (machine ranks 0 and 1, one process each) train 4 steps, then resume to 8: the second launch
+    starts from the checkpoint, both ranks read disjoint samples, one copy of the logs."""
+    from tests.flows.test_pipeline import free_port
+
+    run_dir, params = tmp_path / "run", tmp_path / "params.yaml"
+
+    def write(steps):
+        params.write_text(yaml.safe_dump({
+            "paths": {"shards": str(tiny_shards / "shards"), "train": str(run_dir)},
+            "model": {"arch": "dit", "size": "T/2"},
+            "train": {"steps": steps, "batch_size": 4, "log_every": 1, "checkpoint_every": 4, "record_keys": True},
+            "tracking": {"enabled": False},
+        }))
+
+    write(4)
+    first = _launch_two_machines(params, free_port())
+    assert [p.returncode for p in first] == [0, 0], first[0].stderr[-2000:] + first[1].stderr[-2000:]
+    assert [c.name for c in checkpoints(run_dir)] == ["checkpoint-000004"]
+    assert json.loads((run_dir / "checkpoints" / "checkpoint-000004" / "trainer.json").read_text())["world_size"] == 2
+    write(8)
+    second = _launch_two_machines(params, free_port())
+    assert [p.returncode for p in second] == [0, 0], second[0].stderr[-2000:] + second[1].stderr[-2000:]
+    assert "resumed from step 4" in second[0].stdout and "resumed" not in second[1].stdout  # rank 0 speaks
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 9))
+    rows = {r: list(read_jsonl(run_dir / f"keys-rank{r}.jsonl")) for r in (0, 1)}
+    assert [row["step"] for row in rows[0]] == [row["step"] for row in rows[1]] == list(range(1, 9))
+    first4 = [k for r in (0, 1) for row in rows[r][:4] for k in row["keys"]]
+    assert len(set(first4)) == len(first4) == 2 * 4 * 4  # within the first epoch (48 samples) no repeats
+    assert [c.name for c in checkpoints(run_dir)] == ["checkpoint-000004", "checkpoint-000008"]
+
+
 @pytest.mark.slow
 def test_compiled_checkpointed_run_resumes_uncompiled(tiny_shards, tmp_path):
     """torch.compile and gradient checkpointing change how steps run, not what a checkpoint holds."""
