@@ -5,6 +5,7 @@
 
 1. encode: latents (images/s) and text (captions/s), batched as the stages do it vs a per-sample loop.
 2. loader: samples/s and MB/s from the shards vs the same arrays from memory and from one .npy per sample.
+   At ~1 MB samples (T5-sized caption embeddings): memory-mapped vs streamed shards vs .npy files.
    resume: time to the first sample of a resume 10.5 epochs in, skipping by index counts vs reading to skip.
 3. memory: peak RSS of `ditpipe prepare` and `ditpipe shards` at 1k and 10k samples (must not grow).
 """
@@ -151,6 +152,52 @@ def bench_cache_verify(cfg) -> None:
               f"({(verified - plain) / len(keys) * 1e6:+.0f} us per entry)")
 
 
+def bench_big_samples(n: int = 1000, batch_size: int = 32) -> None:
+    """The loader at the sample size of T5-conditioned training: 120 x 4096 fp16 caption embeddings and 4x32x32
+    latents, about 1 MB per sample, from local shards (page cache warm), one process (workers 0)."""
+    from ditpipe.io import write_json
+    from ditpipe.shards import AtomicShardWriter, encode_sample
+
+    print(f"\n== loader at ~1 MB samples ({n}, T5-sized embeddings), workers 0: memory-mapped vs streamed vs npy files")
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as d:
+        writer = AtomicShardWriter(Path(d), "train", 10**9, 64_000_000)
+        emb = torch.from_numpy(rng.standard_normal((120, 4096)).astype(np.float16))
+        for i in range(n):
+            writer.write(encode_sample(
+                f"s{i:07d}", {"mean": torch.randn(4, 32, 32), "logvar": torch.randn(4, 32, 32)},
+                {"emb": emb, "mask": torch.ones(120, dtype=torch.uint8), "pooled": torch.randn(4096).half()},
+                {"key": f"s{i:07d}", "caption": "", "meta": {}}))
+        shards = writer.close()
+        write_json(Path(d) / "index.json", {"splits": {"train": {"samples": n, "shards": shards}}})
+
+        def epoch(note: str, verify: bool) -> None:
+            if verify:
+                loader_mod._VERIFIED.clear()
+            loader = make_loader(d, "train", batch_size, infinite=False)
+            k, nbytes, s = _timed(loader)
+            print(f"{note:34} {rate(k, s)}  {nbytes / 1e6 / s:8.1f} MB/s")
+
+        local = loader_mod.LocalFileSystem
+        for _ in range(2):
+            loader_mod.LocalFileSystem = type("NotLocal", (), {})  # every URL takes the streaming path
+            epoch("streamed (webdataset), later epoch", False)
+            loader_mod.LocalFileSystem = local
+            epoch("memory-mapped, later epoch", False)
+            epoch("memory-mapped, first epoch (sha256)", True)
+        samples = [{k: b[k][j].numpy() for k in ARRAYS} for b in make_loader(d, "train", batch_size, infinite=False)
+                   for j in range(len(b["key"]))]
+        with tempfile.TemporaryDirectory() as files:
+            for i, a in enumerate(samples):
+                for k, v in a.items():
+                    np.save(f"{files}/{i:07d}.{k}.npy", v)
+            order = np.random.default_rng(0).permutation(len(samples))  # the loader drops the last partial batch
+            del samples
+            k, nbytes, s = _timed_files(({k: np.load(f"{files}/{j:07d}.{k}.npy") for k in ARRAYS} for j in order),
+                                        batch_size)
+            print(f"{'npy files (5 per sample), shuffled':34} {rate(k, s)}  {nbytes / 1e6 / s:8.1f} MB/s")
+
+
 def bench_resume(cfg, epochs: float = 10.5) -> None:
     """Time to the first sample of a resume deep into training: read-and-drop vs skipping by the index."""
     from ditpipe.loader import ShardStream
@@ -214,6 +261,8 @@ def main() -> None:
                 bench_loader(cfg)
                 bench_cache_verify(cfg)
                 bench_resume(cfg)
+            if args.only in (None, "loader"):
+                bench_big_samples()
     if args.only in (None, "memory"):
         bench_memory(args.sizes)
 

@@ -235,3 +235,26 @@ def test_shard_with_wrong_count_is_refused(built, tmp_path):
     (shards / "index.json").write_text(json.dumps(index))
     with pytest.raises(DitpipeError, match=f"{name} holds .* samples, index.json says"):
         list(make_loader(shards, "train", 4, shuffle_buffer=0, infinite=False))
+
+
+def test_memory_mapped_and_streamed_shards_read_the_same(built):
+    """Local shards are memory-mapped (zero-copy members); other fsspec URLs stream through webdataset's reader."""
+    import fsspec
+
+    from ditpipe.loader import shard_entries
+
+    url, entry = next(iter(shard_entries(str(built / "shards"), "train").items()))
+    with fsspec.open(f"memory://shards/{entry['name']}", "wb") as f:
+        f.write(open(url, "rb").read())
+    mapped = [decode(s) for s in read_tar(url, entry)]
+    streamed = [decode(s) for s in read_tar(f"memory://shards/{entry['name']}", entry)]
+    assert len(mapped) == len(streamed) == entry["samples"]
+    for a, b in zip(mapped, streamed):
+        assert a.keys() == b.keys() and a["info"] == b["info"]
+        assert all(np.array_equal(a[k], b[k]) for k in a if k not in ("__key__", "info"))
+
+
+def test_a_shard_cut_inside_a_member_is_named_even_without_its_index_entry(built, tmp_path):
+    shards, name = _damaged_copy(built, tmp_path, lambda p, data: p.write_bytes(data[: len(data) // 2 + 700]))
+    with pytest.raises(DitpipeError, match=f"shard .*{name} is (cut short inside|damaged)"):
+        list(read_tar(str(shards / name)))
