@@ -35,7 +35,7 @@ from ditpipe.config import EvaluateConfig, TrackingConfig
 from ditpipe.errors import DitpipeError
 from ditpipe.generate import Drawer, load_drawer
 from ditpipe.grids import caption_grid
-from ditpipe.io import cache_key, exclusive, read_json, read_jsonl, sha256_file, staged_dir, write_json
+from ditpipe.io import cache_key, exclusive, location, read_json, read_jsonl, sha256_file, staged_dir, write_json
 from ditpipe.loader import empty_caption, load_index, make_loader
 from ditpipe.models import RunInfo
 from ditpipe.sampling import Conditioning, resolve_sampler
@@ -266,7 +266,7 @@ def _run(cfg: EvaluateConfig, track: TrackingConfig, train_dir: str | Path, shar
          metrics_path: str | Path, plots_dir: str | Path) -> dict:
     t0 = time.perf_counter()
     tracking.check_reachable(track)
-    train_dir, shards_dir, prepared = Path(train_dir), Path(shards_dir), Path(prepared)
+    train_dir, shards_dir, prepared = Path(train_dir), location(shards_dir), Path(prepared)
     drawer = load_drawer(train_dir, vae_dir, cfg.device, cfg.dtype)
     info = drawer.info
     sampler = resolve_sampler(cfg.sampler, info.objective)
@@ -357,7 +357,7 @@ def _run(cfg: EvaluateConfig, track: TrackingConfig, train_dir: str | Path, shar
     return {"metrics": metrics, "sampler": sampler, "n": len(images), "step": info.step,
             "reference_cached": bool(reference and reference.cached), "sample_seconds": round(t_sample, 2),
             "seconds": round(time.perf_counter() - t0, 2), "out": str(out_dir), "metrics_path": str(metrics_path),
-            "mlflow_run_id": child, "index_sha256": sha256_file(shards_dir / "index.json")}
+            "mlflow_run_id": child, "index_sha256": sha256_file(f"{shards_dir}/index.json")}
 
 
 def as_tensor(images: list[Image.Image], device: torch.device) -> torch.Tensor:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import fsspec
 import torch
 
 from ditpipe.errors import DitpipeError
@@ -31,9 +32,19 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def is_url(path: str | Path) -> bool:
+    """A remote location (``s3://``, ``gs://``, ... through fsspec), not a local path."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def location(path: str | Path) -> str | Path:
+    """A local path as a Path, a URL as it is (``Path`` would fold ``s3://`` into ``s3:/``)."""
+    return str(path).rstrip("/") if is_url(path) else Path(path)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (fsspec.open(str(path), "rb") if is_url(path) else open(path, "rb")) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

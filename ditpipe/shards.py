@@ -14,11 +14,13 @@ import json
 import os
 import random
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 import webdataset as wds
@@ -29,7 +31,7 @@ from ditpipe.cache import TensorCache
 from ditpipe.config import ShardsConfig
 from ditpipe.encoders import caption_hash
 from ditpipe.errors import DitpipeError
-from ditpipe.io import TMP_PREFIX, read_json, read_jsonl, sha256_file, staged_dir, write_json
+from ditpipe.io import TMP_PREFIX, is_url, read_json, read_jsonl, sha256_file, staged_dir, write_json
 
 SPLITS = ("train", "val")
 
@@ -150,7 +152,34 @@ def pack(rows: Iterable[dict], writer: AtomicShardWriter, load_latents, load_tex
 
 def run(cfg: ShardsConfig, prepared: str | Path, latents_dir: str | Path, text_dir: str | Path,
         out_dir: str | Path) -> dict:
-    """Write train/val shards and ``index.json`` to ``out_dir``."""
+    """Write train/val shards and ``index.json`` to ``out_dir``: a local folder, or any fsspec URL
+    (``s3://bucket/shards``), where they are built in a local temp folder beside ``prepared`` and uploaded."""
+    if not is_url(out_dir):
+        return _run(cfg, prepared, latents_dir, text_dir, out_dir)
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}shards-upload-", dir=Path(prepared).parent) as local:
+        summary = _run(cfg, prepared, latents_dir, text_dir, Path(local) / "shards")
+        t0 = time.perf_counter()
+        publish(Path(local) / "shards", str(out_dir))
+        return {**summary, "out": str(out_dir), "upload_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def publish(local: Path, url: str) -> None:
+    """Upload a finished shards folder to ``url``: every shard first and ``index.json`` last (readers start
+    from the index, and check every shard against it), then remove the files an earlier index listed that
+    this one does not."""
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    before = set(fs.ls(root, detail=False)) if fs.exists(root) else set()
+    names = sorted(p.name for p in local.iterdir() if p.name != "index.json")
+    for name in tqdm(names, desc=f"upload to {url}", unit="file", disable=None):
+        fs.put_file(str(local / name), f"{root}/{name}")
+    fs.put_file(str(local / "index.json"), f"{root}/index.json")
+    for stale in before - {f"{root}/{name}" for name in [*names, "index.json"]}:
+        fs.rm_file(stale)
+
+
+def _run(cfg: ShardsConfig, prepared: str | Path, latents_dir: str | Path, text_dir: str | Path,
+         out_dir: str | Path) -> dict:
     t0 = time.perf_counter()
     prepared, latents_dir, text_dir = Path(prepared), Path(latents_dir), Path(text_dir)
     for folder, stage in ((prepared / "samples.jsonl", "prepare"), (latents_dir / "index.json", "latents"),

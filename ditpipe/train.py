@@ -38,6 +38,7 @@ from ditpipe.io import (
     checksum_tree,
     exclusive,
     fsync_path,
+    location,
     read_json,
     read_jsonl,
     sha256_file,
@@ -425,14 +426,14 @@ def run(model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_
     """
     acc = build_accelerator(cfg)
     with exclusive(out_dir) if acc.is_main_process else contextlib.nullcontext():
-        return _run(acc, model_cfg, cfg, track, Path(shards_dir), Path(out_dir), resolved, vae_dir)
+        return _run(acc, model_cfg, cfg, track, location(shards_dir), Path(out_dir), resolved, vae_dir)
 
 
-def _run(acc: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_dir: Path,
+def _run(acc: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, track: TrackingConfig, shards_dir: str | Path,
          run_dir: Path, resolved: dict, vae_dir: str | Path | None) -> dict:
     t_start = time.perf_counter()
     tracking.check_reachable(track)  # every check that can fail comes before the run folder is touched
-    index, index_hash = load_index(shards_dir), sha256_file(shards_dir / "index.json")
+    index, index_hash = load_index(shards_dir), sha256_file(f"{shards_dir}/index.json")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)  # same init on every rank

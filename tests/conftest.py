@@ -104,6 +104,38 @@ def mlflow_server(folder: Path, env: dict | None = None) -> Iterator[str]:
         log.close()
 
 
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(tmp_path_factory) -> Iterator[str]:
+    """A local S3-compatible server (moto's server mode) on 127.0.0.1 with one bucket; yields ``s3://BUCKET``.
+    The endpoint and credentials go into the environment, as a user sets them for real S3 (and DVC reads
+    its endpoint from its remote config)."""
+    import fsspec
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(S3_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
+    try:
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200, 60,
+                 "moto server", proc)
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("ditpipe-test")
+        yield "s3://ditpipe-test"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
 @pytest.fixture
 def cli(monkeypatch, capsys):
     """``ditpipe ARGS`` in this process (no interpreter start-up): returns (exit code, stdout, stderr)."""

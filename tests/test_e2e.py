@@ -63,7 +63,7 @@ def check_shards(repo: Path, accepted: int) -> dict:
     return index
 
 
-def test_dvc_repro_shapes_then_exp_run_on_twemoji(repo, twemoji_subset):
+def test_dvc_repro_shapes_then_exp_run_on_twemoji(repo, twemoji_subset, s3_bucket):
     out = sh(["dvc", "repro"], repo)
     for stage in ALL_STAGES:
         assert f"Running stage '{stage}'" in out
@@ -99,6 +99,23 @@ def test_dvc_repro_shapes_then_exp_run_on_twemoji(repo, twemoji_subset):
     sh(["dvc", "exp", "apply", "more-steps"], repo)
     assert json.loads((repo / "artifacts/train/final/ditpipe.json").read_text())["step"] == 8
     assert json.loads((repo / "artifacts/shards/index.json").read_text())["data"]["source"] == "builtin:shapes"
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
+    check_s3_remote(repo, s3_bucket)
+
+
+def check_s3_remote(repo: Path, bucket: str) -> None:
+    """Every stage's outputs go to a DVC S3 remote and come back into an empty workspace cache."""
+    sh(["dvc", "remote", "add", "-d", "store", f"{bucket}/dvc-store"], repo)
+    sh(["dvc", "remote", "modify", "store", "endpointurl", os.environ["AWS_ENDPOINT_URL"]], repo)
+    sh(["dvc", "push"], repo)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    outs = [o["path"] for stage in lock.values() for o in stage.get("outs", [])]
+    cached = [o for o in outs if (repo / o).exists() and o not in ("artifacts/metrics.json", "artifacts/plots")]
+    shutil.rmtree(repo / ".dvc" / "cache")
+    for o in cached:
+        shutil.rmtree(repo / o) if (repo / o).is_dir() else (repo / o).unlink()
+    out = sh(["dvc", "pull"], repo)
+    assert all((repo / o).exists() for o in cached), out
     assert "Data and pipelines are up to date" in sh(["dvc", "status"], repo)
 
 
