@@ -7,6 +7,7 @@
 2. loader: samples/s and MB/s from the shards vs the same arrays from memory and from one .npy per sample.
    At ~1 MB samples (T5-sized caption embeddings): memory-mapped vs streamed shards vs .npy files.
    resume: time to the first sample of a resume 10.5 epochs in, skipping by index counts vs reading to skip.
+   cluster: latents and text in-process vs as parts on a 2-worker local Dask cluster (--only cluster).
 3. memory: peak RSS of `ditpipe prepare` and `ditpipe shards` at 1k and 10k samples (must not grow).
 """
 
@@ -198,6 +199,31 @@ def bench_big_samples(n: int = 1000, batch_size: int = 32) -> None:
             print(f"{'npy files (5 per sample), shuffled':34} {rate(k, s)}  {nbytes / 1e6 / s:8.1f} MB/s")
 
 
+def bench_cluster(cfg) -> None:
+    """latents and text into empty caches: in this process vs as 16 parts on a local Dask cluster of 2 workers
+    (1 torch thread each), then the same with every entry cached (what each part costs when it has nothing
+    to do)."""
+    import shutil
+
+    from ditpipe.config import ClusterConfig
+    from ditpipe.latents import run as latents
+    from ditpipe.text import run as text
+
+    print("\n== data stages: in-process vs a local Dask cluster (2 workers, 16 parts), empty caches, then cached")
+    dask = ClusterConfig(engine="dask", workers=2, parts=16)
+    with tempfile.TemporaryDirectory() as d:
+        for name, engine in (("in-process", ClusterConfig()), ("dask 2 workers", dask)):
+            for stage, fn in (("latents", lambda out, c: latents(cfg.latents, cfg.paths.prepared, cfg.paths.vae,
+                                                                  out, c)),
+                              ("text", lambda out, c: text(cfg.text, cfg.paths.prepared, out, c))):
+                out = Path(d) / f"{stage}-{name}"
+                cold = fn(out, engine)
+                warm = fn(out, engine)
+                print(f"{stage:8} {name:15} {cold['encoded']:5d} encoded in {cold['seconds']:6.2f} s; "
+                      f"all cached: {warm['seconds']:5.2f} s")
+                shutil.rmtree(out)
+
+
 def bench_resume(cfg, epochs: float = 10.5) -> None:
     """Time to the first sample of a resume deep into training: read-and-drop vs skipping by the index."""
     from ditpipe.loader import ShardStream
@@ -246,13 +272,13 @@ def bench_memory(sizes: list[int]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("encode", "loader", "memory"))
+    p.add_argument("--only", choices=("encode", "loader", "memory", "cluster"))
     p.add_argument("--count", type=int, default=2000, help="shapes for the encode/loader benchmarks")
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000], help="dataset sizes for memory")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
-    if args.only in (None, "encode", "loader"):
+    if args.only in (None, "encode", "loader", "cluster"):
         with tempfile.TemporaryDirectory() as d:
             cfg = build(Path(d), args.count)
             if args.only in (None, "encode"):
@@ -263,6 +289,8 @@ def main() -> None:
                 bench_resume(cfg)
             if args.only in (None, "loader"):
                 bench_big_samples()
+            if args.only in (None, "cluster"):
+                bench_cluster(cfg)
     if args.only in (None, "memory"):
         bench_memory(args.sizes)
 

@@ -103,8 +103,8 @@ def plan(figures: dict, mfu: float, gpu_hour: float, core_hour: float) -> None:
         for n in (10e6, 400e6):
             hours = n * s / 3600
             price = gpu_hour if unit == "GPU" else core_hour
-            cells.append(f"{hours:14,.0f} {unit[:4]:>4} ${hours * price:8,.0f} {max(1, int(np.ceil(n * s / DAY))):12,d} "
-                         f"{unit[:4]}")
+            units = max(1, int(np.ceil(n * s / DAY)))
+            cells.append(f"{hours:14,.0f} {unit[:4]:>4} ${hours * price:8,.0f} {units:12,d} {unit[:4]}")
         print(f"{name:38} {1 / s:9,.0f} /s/{unit[:4]:<4}| {cells[0]} | {cells[1]}")
     print("\nbytes per sample: latents 4x32x32 mean+logvar fp16 16 KB (32 KB with flips); T5-XXL embedding "
           "120x4096 fp16 983 KB; MiniLM 32x384 fp32 49 KB")

@@ -283,6 +283,24 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Where the per-sample data stages (``latents``, ``text``) run their parts. Not a DVC dependency: the
+    outputs are byte-for-byte the same on any engine."""
+
+    engine: Literal["local", "dask"] = opt("local", "local = in this process; dask = parts as Dask tasks")
+    address: str = opt("", "Dask scheduler address (tcp://host:8786); empty = a local cluster of `workers`")
+    workers: int = opt(2, "worker processes of the local Dask cluster (torch threads split among them)")
+    parts: int = opt(16, "parts by key hash: a sample's part does not change when the dataset grows")
+    gpus_per_part: float = opt(0.0, "Dask resource GPU each part asks for (start GPU workers with "
+                                    "--resources GPU=1); 0 = none")
+
+    def __post_init__(self) -> None:
+        _check_min("cluster.workers", self.workers, 1)
+        _check_min("cluster.parts", self.parts, 1)
+        _check_min("cluster.gpus_per_part", self.gpus_per_part, 0.0)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole params.yaml."""
 
@@ -296,6 +314,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         sampler = self.evaluate.sampler

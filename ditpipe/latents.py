@@ -8,6 +8,7 @@ everything, and a killed run resumes where it stopped. ``index.json`` maps each 
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from tqdm import tqdm
 
 from ditpipe.autoencoder import PreparedImages, load_vae
 from ditpipe.cache import TensorCache
-from ditpipe.config import LatentsConfig
+from ditpipe.cluster import part_of, run_parts
+from ditpipe.config import ClusterConfig, LatentsConfig
 from ditpipe.errors import DitpipeError
 from ditpipe.io import (
     TORCH_DTYPES,
@@ -50,14 +52,60 @@ def encode_batch(vae: AutoencoderKL, images: torch.Tensor, flip: bool) -> dict[s
     return out
 
 
-def run(cfg: LatentsConfig, prepared: str | Path, vae_dir: str | Path, out_dir: str | Path) -> dict:
+def run(cfg: LatentsConfig, prepared: str | Path, vae_dir: str | Path, out_dir: str | Path,
+        cluster: ClusterConfig | None = None) -> dict:
     """Encode the samples missing from the cache under ``out_dir`` (or whose entry is damaged); write
-    ``index.json``. One writer per cache: a second run on it fails naming the first."""
+    ``index.json``. One writer per cache: a second run on it fails naming the first. With a Dask
+    ``cluster`` the samples to encode go out in parts by key hash (same cache entries, byte for byte)."""
     with exclusive(out_dir):
-        return _run(cfg, prepared, vae_dir, out_dir)
+        return _run(cfg, prepared, vae_dir, out_dir, cluster or ClusterConfig())
 
 
-def _run(cfg: LatentsConfig, prepared: str | Path, vae_dir: str | Path, out_dir: str | Path) -> dict:
+def _vae(vae_dir: str, dtype: str, device: str) -> tuple[AutoencoderKL, str]:
+    """The VAE (once per process and version of the folder: a Dask worker keeps it between parts) and its
+    weight hash."""
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(vae_dir).iterdir()))
+    return _load_vae(vae_dir, dtype, device, stamp)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_vae(vae_dir: str, dtype: str, device: str, stamp: tuple) -> tuple[AutoencoderKL, str]:
+    vae = load_vae(vae_dir)
+    identity = state_dict_hash(vae)  # of the weights as stored, whatever dtype they are run in
+    return vae.to(resolve_device(device), TORCH_DTYPES[dtype]).eval(), identity
+
+
+def encode_part(cfg: LatentsConfig, prepared: str, vae_dir: str, cache_dir: str, part: int, parts: int,
+                progress: bool = False) -> int:
+    """Encode the samples of part ``part`` of ``parts`` (by key hash) that the cache lacks; return how many.
+    Paths in, entries out through the cache: a Dask task gets and gives nothing bigger."""
+    vae, vae_id = _vae(vae_dir, cfg.dtype, cfg.device)
+    resolution = read_json(Path(prepared) / "meta.json")["resolution"]
+    cache = TensorCache(Path(cache_dir), "latents")
+    todo = []  # (row in samples.jsonl, sample key, cache key)
+    for i, row in enumerate(read_jsonl(Path(prepared) / "samples.jsonl")):
+        if parts == 1 or part_of(row["key"], parts) == part:
+            key = latent_key(row["sha256"], vae_id, resolution, cfg)
+            if not cache.valid(key):
+                todo.append((i, row["key"], key))
+    store = TORCH_DTYPES[cfg.storage_dtype]
+    loader = DataLoader(Subset(PreparedImages(prepared, None), [row for row, _, _ in todo]),
+                        batch_size=cfg.batch_size, num_workers=0)
+    meta = {"vae": vae_id, "resolution": str(resolution)}
+    done = 0
+    with tqdm(total=len(todo), desc="latents", unit="img", disable=None if progress else True) as bar:
+        for batch in loader:
+            enc = encode_batch(vae, batch, cfg.flip)
+            for j in range(len(batch)):
+                _, sample, key = todo[done + j]
+                cache.put(key, {k: v[j].to(store) for k, v in enc.items()}, {**meta, "sample": sample})
+            done += len(batch)
+            bar.update(len(batch))
+    return done
+
+
+def _run(cfg: LatentsConfig, prepared: str | Path, vae_dir: str | Path, out_dir: str | Path,
+         cluster: ClusterConfig) -> dict:
     t0 = time.perf_counter()
     prepared, out_dir = Path(prepared), Path(out_dir)
     if not (prepared / "samples.jsonl").exists():
@@ -65,31 +113,18 @@ def _run(cfg: LatentsConfig, prepared: str | Path, vae_dir: str | Path, out_dir:
     if not (Path(vae_dir) / "config.json").exists():
         raise DitpipeError(f"{vae_dir} holds no VAE: run `ditpipe vae` first")
     resolution = read_json(prepared / "meta.json")["resolution"]
-    samples = list(read_jsonl(prepared / "samples.jsonl"))
+    samples = [(row["key"], row["sha256"]) for row in read_jsonl(prepared / "samples.jsonl")]
     if not samples:  # pruning against an empty list would empty the cache
         raise DitpipeError(f"{prepared}/samples.jsonl holds no samples: nothing to encode, cache left as it is")
-    vae = load_vae(str(vae_dir))
-    vae_id = state_dict_hash(vae)
-    device = resolve_device(cfg.device)
-    vae = vae.to(device, TORCH_DTYPES[cfg.dtype]).eval()
-    store = TORCH_DTYPES[cfg.storage_dtype]
+    vae, vae_id = _vae(str(vae_dir), cfg.dtype, cfg.device)
 
     cache = TensorCache(out_dir / "cache", "latents")
     cache.clean_temps()
-    keys = [latent_key(s["sha256"], vae_id, resolution, cfg) for s in samples]
-    todo = [i for i, k in enumerate(keys) if not cache.valid(k)]
-    images = PreparedImages(prepared, None)
-    loader = DataLoader(Subset(images, todo), batch_size=cfg.batch_size, num_workers=0)
-    meta = {"vae": vae_id, "resolution": str(resolution)}
-    done = 0
-    with tqdm(total=len(todo), desc="latents", unit="img", disable=None) as bar:
-        for batch in loader:
-            enc = encode_batch(vae, batch, cfg.flip)
-            for j in range(len(batch)):
-                i = todo[done + j]
-                cache.put(keys[i], {k: v[j].to(store) for k, v in enc.items()}, {**meta, "sample": samples[i]["key"]})
-            done += len(batch)
-            bar.update(len(batch))
+    parts = 1 if cluster.engine == "local" else cluster.parts
+    args = [(cfg, str(prepared), str(vae_dir), str(out_dir / "cache"), part, parts, parts == 1)
+            for part in range(parts)]
+    encoded = sum(run_parts(cluster, encode_part, args, "latents"))
+    keys = [latent_key(sha, vae_id, resolution, cfg) for _, sha in samples]
     pruned = cache.prune(keys)
     seconds = time.perf_counter() - t0
     shape = list(cache.get(keys[0])["mean"].shape) if keys else []
@@ -102,11 +137,12 @@ def _run(cfg: LatentsConfig, prepared: str | Path, vae_dir: str | Path, out_dir:
         "dtype": cfg.dtype,
         "storage_dtype": cfg.storage_dtype,
         "flip": cfg.flip,
-        "samples": {s["key"]: k for s, k in zip(samples, keys)},
+        "samples": {sample: k for (sample, _), k in zip(samples, keys)},
     }
     write_json(out_dir / "index.json", index)
-    return {"encoded": len(todo), "cached": len(keys) - len(todo), "total": len(keys), "pruned": pruned,
-            "shape": shape, "seconds": round(seconds, 2), "out": str(out_dir), "device": str(device)}
+    return {"encoded": encoded, "cached": len(keys) - encoded, "total": len(keys), "pruned": pruned,
+            "shape": shape, "seconds": round(seconds, 2), "out": str(out_dir),
+            "device": str(resolve_device(cfg.device)), "engine": cluster.engine}
 
 
 def summary_line(s: dict) -> str:

@@ -36,13 +36,13 @@ def _vae(cfg: Config) -> dict:
 def _latents(cfg: Config) -> dict:
     from ditpipe import latents
 
-    return latents.run(cfg.latents, cfg.paths.prepared, cfg.paths.vae, cfg.paths.latents)
+    return latents.run(cfg.latents, cfg.paths.prepared, cfg.paths.vae, cfg.paths.latents, cfg.cluster)
 
 
 def _text(cfg: Config) -> dict:
     from ditpipe import text
 
-    return text.run(cfg.text, cfg.paths.prepared, cfg.paths.text)
+    return text.run(cfg.text, cfg.paths.prepared, cfg.paths.text, cfg.cluster)
 
 
 def _shards(cfg: Config) -> dict:

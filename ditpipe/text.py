@@ -7,13 +7,15 @@ so only captions that are new (or a changed encoder) cost an encoder pass.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ditpipe.cache import TensorCache
-from ditpipe.config import TextConfig
+from ditpipe.cluster import part_of, run_parts
+from ditpipe.config import ClusterConfig, TextConfig
 from ditpipe.encoders import TextEncoder, caption_hash
 from ditpipe.errors import DitpipeError
 from ditpipe.io import cache_key, exclusive, read_jsonl, resolve_device, write_json
@@ -28,14 +30,41 @@ def unique_captions(captions: list[str]) -> list[str]:
     return list(dict.fromkeys(["", *captions]))
 
 
-def run(cfg: TextConfig, prepared: str | Path, out_dir: str | Path) -> dict:
+def run(cfg: TextConfig, prepared: str | Path, out_dir: str | Path, cluster: ClusterConfig | None = None) -> dict:
     """Encode captions missing from the cache under ``out_dir`` (or whose entry is damaged); write
-    ``index.json``. One writer per cache: a second run on it fails naming the first."""
+    ``index.json``. One writer per cache: a second run on it fails naming the first. With a Dask
+    ``cluster`` the captions go out in parts by caption hash (same cache entries, byte for byte)."""
     with exclusive(out_dir):
-        return _run(cfg, prepared, out_dir)
+        return _run(cfg, prepared, out_dir, cluster or ClusterConfig())
 
 
-def _run(cfg: TextConfig, prepared: str | Path, out_dir: str | Path) -> dict:
+@functools.lru_cache(maxsize=2)
+def _encoder(name: str, max_length: int, dtype: str, device: str) -> TextEncoder:
+    """The text encoder, loaded once per process (a Dask worker keeps it between parts)."""
+    return TextEncoder(name, max_length, dtype, resolve_device(device))
+
+
+def encode_part(cfg: TextConfig, prepared: str, cache_dir: str, part: int, parts: int,
+                progress: bool = False) -> int:
+    """Encode the captions of part ``part`` of ``parts`` (by caption hash) that the cache lacks; return how
+    many. Paths in, entries out through the cache."""
+    encoder = _encoder(cfg.encoder, cfg.max_length, cfg.dtype, cfg.device)
+    cache = TensorCache(Path(cache_dir), "text")
+    captions = unique_captions([row["caption"] for row in read_jsonl(Path(prepared) / "samples.jsonl")])
+    todo = [c for c in captions if (parts == 1 or part_of(caption_hash(c), parts) == part)
+            and not cache.valid(text_key(c, encoder.identity, cfg))]
+    with tqdm(total=len(todo), desc="text", unit="caption", disable=None if progress else True) as bar:
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start : start + cfg.batch_size]
+            enc = encoder.encode(batch)
+            for j, c in enumerate(batch):
+                cache.put(text_key(c, encoder.identity, cfg), {k: v[j] for k, v in enc.items()},
+                          {"encoder": encoder.identity})
+            bar.update(len(batch))
+    return len(todo)
+
+
+def _run(cfg: TextConfig, prepared: str | Path, out_dir: str | Path, cluster: ClusterConfig) -> dict:
     t0 = time.perf_counter()
     prepared, out_dir = Path(prepared), Path(out_dir)
     if not (prepared / "samples.jsonl").exists():
@@ -44,19 +73,13 @@ def _run(cfg: TextConfig, prepared: str | Path, out_dir: str | Path) -> dict:
     if not rows:  # pruning against no captions would empty the cache
         raise DitpipeError(f"{prepared}/samples.jsonl holds no samples: nothing to encode, cache left as it is")
     captions = unique_captions([s["caption"] for s in rows])
-    device = resolve_device(cfg.device)
-    encoder = TextEncoder(cfg.encoder, cfg.max_length, cfg.dtype, device)
+    encoder = _encoder(cfg.encoder, cfg.max_length, cfg.dtype, cfg.device)
     cache = TensorCache(out_dir / "cache", "text")
     cache.clean_temps()
+    parts = 1 if cluster.engine == "local" else cluster.parts
+    args = [(cfg, str(prepared), str(out_dir / "cache"), part, parts, parts == 1) for part in range(parts)]
+    encoded = sum(run_parts(cluster, encode_part, args, "text"))
     keys = {c: text_key(c, encoder.identity, cfg) for c in captions}
-    todo = [c for c in captions if not cache.valid(keys[c])]
-    with tqdm(total=len(todo), desc="text", unit="caption", disable=None) as bar:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start : start + cfg.batch_size]
-            enc = encoder.encode(batch)
-            for j, c in enumerate(batch):
-                cache.put(keys[c], {k: v[j] for k, v in enc.items()}, {"encoder": encoder.identity})
-            bar.update(len(batch))
     pruned = cache.prune(keys.values())
     index = {
         "encoder": cfg.encoder,
@@ -69,8 +92,9 @@ def _run(cfg: TextConfig, prepared: str | Path, out_dir: str | Path) -> dict:
         "captions": {caption_hash(c): k for c, k in keys.items()},
     }
     write_json(out_dir / "index.json", index)
-    return {"encoded": len(todo), "cached": len(captions) - len(todo), "unique": len(captions),
-            "dim": encoder.dim, "max_length": cfg.max_length, "pruned": pruned, "device": str(device),
+    return {"encoded": encoded, "cached": len(captions) - encoded, "unique": len(captions),
+            "dim": encoder.dim, "max_length": cfg.max_length, "pruned": pruned,
+            "device": str(resolve_device(cfg.device)), "engine": cluster.engine,
             "seconds": round(time.perf_counter() - t0, 2), "out": str(out_dir)}
 
 

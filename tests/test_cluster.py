@@ -1,0 +1,111 @@
+"""The per-sample data stages on a real local Dask cluster of two worker processes."""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from ditpipe.cluster import part_of
+from ditpipe.config import ClusterConfig, LatentsConfig, ShardsConfig, TextConfig
+from ditpipe.io import read_json
+
+pytestmark = pytest.mark.slow
+
+DASK = ClusterConfig(engine="dask", workers=2, parts=4)
+
+
+def assert_same_cache(a: Path, b: Path) -> float:
+    """Same index (every sample to the same content key), same entries with the same metadata, tensors equal
+    up to float rounding; returns the largest difference. Not byte for byte: a VAE or encoder pass on 1
+    thread (a worker's share of 2 cores) or in smaller batches rounds differently in the last bit than on
+    2 threads in one batch, and safetensors writes its metadata in no fixed order."""
+    from safetensors import safe_open
+
+    assert (a / "index.json").read_bytes() == (b / "index.json").read_bytes()
+    names = sorted(p.relative_to(a) for p in (a / "cache").rglob("*.safetensors"))
+    assert names == sorted(p.relative_to(b) for p in (b / "cache").rglob("*.safetensors"))
+    worst = 0.0
+    for name in names:
+        with safe_open(a / name, "pt") as x, safe_open(b / name, "pt") as y:
+            meta_x, meta_y = x.metadata(), y.metadata()
+            meta_x.pop("ditpipe.sha256"), meta_y.pop("ditpipe.sha256")
+            assert meta_x == meta_y and set(x.keys()) == set(y.keys())
+            for k in x.keys():
+                diff = (x.get_tensor(k).double() - y.get_tensor(k).double()).abs().max().item()
+                worst = max(worst, diff)
+    assert worst < 1e-5, worst
+    return worst
+
+
+def test_parts_by_key_hash_do_not_move_when_the_dataset_grows():
+    keys = [f"sample-{i}" for i in range(1000)]
+    before = {k: part_of(k, 16) for k in keys[:500]}
+    assert {k: part_of(k, 16) for k in keys if k in before} == before
+    assert len(set(before.values())) == 16  # and spread over every part
+
+
+class KilledMidPart:
+    """Stands in for the stage's part function: the first time it runs part 0, its worker process is killed
+    (SIGKILL) after writing three cache entries; every other call is the real part."""
+
+    def __init__(self, real, marker: str, part_arg: int):
+        self.real, self.marker, self.part_arg = real, marker, part_arg
+
+    def __call__(self, *args):
+        from ditpipe import cache
+
+        if args[self.part_arg] == 0 and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            put, written = cache.TensorCache.put, []
+
+            def put_then_die(self_, *a, **k):
+                put(self_, *a, **k)
+                written.append(1)
+                if len(written) == 3:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            cache.TensorCache.put = put_then_die
+        return self.real(*args)
+
+
+def test_latents_text_and_shards_from_a_dask_cluster_match_in_process_even_after_a_killed_worker(
+        tiny_shards, tiny_text_encoder, tmp_path, monkeypatch):
+    import cloudpickle
+
+    from ditpipe import latents, text
+    from ditpipe.shards import run as shards
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    p = tiny_shards
+    lat_cfg, txt_cfg = LatentsConfig(flip=True), TextConfig(encoder=str(tiny_text_encoder), max_length=8)
+    marker = tmp_path / "killed"
+    monkeypatch.setattr(latents, "encode_part", KilledMidPart(latents.encode_part, str(marker), 4))
+    on_dask = latents.run(lat_cfg, p / "prepared", p / "vae", tmp_path / "latents", DASK)
+    assert marker.exists()  # a worker did die in the middle of part 0
+    # the three entries written before the kill were kept by the retry, nothing was encoded twice
+    assert on_dask["total"] == 60 and on_dask["encoded"] == 57 and on_dask["engine"] == "dask"
+    assert_same_cache(tmp_path / "latents", p / "latents")  # the in-process run's entries
+    assert text.run(txt_cfg, p / "prepared", tmp_path / "text", DASK)["encoded"] > 0
+    assert_same_cache(tmp_path / "text", p / "text")
+    shards(ShardsConfig(max_samples=7), p / "prepared", tmp_path / "latents", tmp_path / "text", tmp_path / "shards")
+    ours, theirs = read_json(tmp_path / "shards" / "index.json"), read_json(p / "shards" / "index.json")
+    for index in (ours, theirs):  # the same samples in the same shards; the bytes differ only by that rounding
+        for split in index["splits"].values():
+            split.pop("bytes", None)
+            for shard in split["shards"]:
+                shard.pop("sha256")
+    assert ours == theirs
+    again = latents.run(lat_cfg, p / "prepared", p / "vae", tmp_path / "latents", DASK)
+    assert again["encoded"] == 0 and again["cached"] == 60  # every part finds its entries
+
+
+def test_an_unreachable_scheduler_is_one_line_naming_it(tiny_shards, tmp_path):
+    from ditpipe.errors import DitpipeError
+    from ditpipe.text import run
+    from tests.conftest import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(DitpipeError, match=f"cluster.address {address} does not answer"):
+        run(TextConfig(), tiny_shards / "prepared", tmp_path / "text", ClusterConfig(engine="dask", address=address))
