@@ -45,7 +45,7 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Any]:
         raise DitpipeError("cluster.engine=dask needs Dask: pip install 'ditpipe[cluster]'") from None
     if cfg.address:
         try:
-            client = Client(cfg.address, timeout=10)
+            client = Client(cfg.address, timeout=5)
         except OSError as exc:
             raise DitpipeError(f"cluster.address {cfg.address} does not answer ({exc}): start the scheduler "
                                "(dask scheduler) and its workers, or leave it empty for a local cluster") from None
