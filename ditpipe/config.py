@@ -206,6 +206,8 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = opt("auto", "auto = bf16 on GPU, fp32 on CPU")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     compile: bool = opt(False, "torch.compile the model")
+    fsdp: bool = opt(False, "shard weights, gradients and optimizer state over the processes (torch FSDP2) "
+                            "instead of a full copy per process (DDP); for models one GPU cannot hold")
     peak_tflops: float = opt(0.0, "device peak TFLOP/s for MFU; 0 looks up known GPUs")
     record_keys: bool = opt(False, "write the sample keys of every step to keys-rank<N>.jsonl (audits data order)")
     eval_every: int = opt(250, "steps between in-run evaluations: val loss, a sample grid, judge accuracy (0 = off)")

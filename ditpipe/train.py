@@ -175,6 +175,64 @@ def plain_model(acc: Accelerator, model) -> Denoiser:
     return acc.unwrap_model(model, keep_torch_compile=False)
 
 
+def shard(model: Denoiser) -> None:
+    """FSDP2: each block of the model's block lists, then the whole model, sharded over every process."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.inner.children():
+        if isinstance(child, torch.nn.ModuleList):
+            for block in child:
+                fully_shard(block)
+    fully_shard(model)
+
+
+_FULL = None  # StateDictOptions for whole (gathered) state dicts, built on first use
+
+
+def _full_options():
+    global _FULL
+    if _FULL is None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return _FULL
+
+
+def full_state(acc: Accelerator, model, ema: EMAModel, opt, fsdp: bool) -> tuple[dict, dict, dict]:
+    """(model, optimizer, EMA) state dicts as whole tensors, the same files with or without FSDP. Under FSDP
+    every process must call it (the shards are gathered); the main process gets the whole state."""
+    if not fsdp:
+        return plain_model(acc, model).state_dict(), opt.state_dict(), ema.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    ema_state = ema.state_dict()
+    ema_state["shadow_params"] = [p.full_tensor().cpu() for p in ema.shadow_params]
+    return (get_model_state_dict(model, options=_full_options()),
+            get_optimizer_state_dict(model, opt, options=_full_options()), ema_state)
+
+
+def load_full_state(model, ema: EMAModel, opt, weights: dict, state: dict, fsdp: bool) -> None:
+    """The inverse of :func:`full_state`: every process loads the whole state and keeps its shard."""
+    if not fsdp:
+        model.load_state_dict(weights)
+        opt.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.tensor import distribute_tensor
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, opt, state["optimizer"], options=options)
+    ema.load_state_dict(state["ema"])
+    ema.shadow_params = [distribute_tensor(full.to(p.device), p.device_mesh, p.placements)
+                         for full, p in zip(ema.shadow_params, model.parameters())]
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     return sorted(root.glob("checkpoint-*")) if root.exists() else []
@@ -211,7 +269,7 @@ def writing(tmp: Path, run_dir: Path) -> Iterator[None]:
 
 
 def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, model, ema: EMAModel, opt, sched,
-                    gen: torch.Generator, meta: dict, keep: int) -> None:
+                    gen: torch.Generator, meta: dict, keep: int, fsdp: bool = False) -> None:
     """Write checkpoint-STEP under a temp name, then rename; every rank adds its RNG state, and
     ``checksums.json`` lists every file's sha256 so a resume can tell a whole checkpoint from a damaged one."""
     final = run_dir / "checkpoints" / f"checkpoint-{step:06d}"
@@ -221,13 +279,12 @@ def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, model, ema: EMAM
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     torch.save(rng_state(gen), tmp / f"rng-rank{acc.process_index}.pt")
+    weights, opt_state, ema_state = full_state(acc, model, ema, opt, fsdp)  # under FSDP: every rank gathers
     acc.wait_for_everyone()
     if acc.is_main_process:
         with writing(tmp, run_dir):
-            inner = plain_model(acc, model)
-            save_file({k: v.contiguous() for k, v in inner.state_dict().items()}, str(tmp / "model.safetensors"))
-            torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "ema": ema.state_dict()},
-                       tmp / "state.pt")
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+            torch.save({"optimizer": opt_state, "scheduler": sched.state_dict(), "ema": ema_state}, tmp / "state.pt")
             write_json(tmp / "trainer.json", {**meta, "step": step})
             checksum_tree(tmp)  # every file flushed to disk and its sha256 recorded before the rename publishes it
         os.replace(tmp, final)
@@ -237,12 +294,11 @@ def save_checkpoint(acc: Accelerator, run_dir: Path, step: int, model, ema: EMAM
     acc.wait_for_everyone()
 
 
-def load_checkpoint(path: Path, acc: Accelerator, model, ema: EMAModel, opt, sched, gen: torch.Generator) -> dict:
-    acc.unwrap_model(model).load_state_dict(load_file(str(path / "model.safetensors")))
+def load_checkpoint(path: Path, acc: Accelerator, model, ema: EMAModel, opt, sched, gen: torch.Generator,
+                    fsdp: bool = False) -> dict:
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
+    load_full_state(acc.unwrap_model(model), ema, opt, load_file(str(path / "model.safetensors")), state, fsdp)
     sched.load_state_dict(state["scheduler"])
-    ema.load_state_dict(state["ema"])
     rng = path / f"rng-rank{acc.process_index}.pt"
     if rng.exists():
         set_rng_state(torch.load(rng, map_location="cpu", weights_only=True), gen)
@@ -250,8 +306,21 @@ def load_checkpoint(path: Path, acc: Accelerator, model, ema: EMAModel, opt, sch
 
 
 @contextlib.contextmanager
-def ema_weights(acc: Accelerator, model, ema: EMAModel) -> Iterator[Denoiser]:
-    """The plain model with the EMA weights swapped in for the block; the trained weights come back after."""
+def ema_weights(acc: Accelerator, model, ema: EMAModel, rebuild=None) -> Iterator[Denoiser | None]:
+    """The plain model with the EMA weights swapped in for the block; the trained weights come back after.
+    Under FSDP (``rebuild`` makes an unsharded model) every process enters: the EMA shards are gathered
+    and the main process gets a whole copy (the others None)."""
+    if rebuild is not None:
+        whole = [p.full_tensor() for p in ema.shadow_params]
+        if not acc.is_main_process:
+            yield None
+            return
+        copy = rebuild()
+        with torch.no_grad():
+            for p, w in zip(copy.parameters(), whole):
+                p.copy_(w)
+        yield copy.eval()
+        return
     inner = plain_model(acc, model)
     ema.store(inner.parameters())
     ema.copy_to(inner.parameters())
@@ -261,18 +330,20 @@ def ema_weights(acc: Accelerator, model, ema: EMAModel) -> Iterator[Denoiser]:
         ema.restore(inner.parameters())
 
 
-def save_final(acc: Accelerator, run_dir: Path, model, ema: EMAModel, info: RunInfo) -> Path:
+def save_final(acc: Accelerator, run_dir: Path, model, ema: EMAModel, info: RunInfo, rebuild=None) -> Path:
     """The EMA weights as a diffusers model folder, plus what evaluation needs to use it."""
     final = run_dir / "final"
-    if acc.is_main_process:
-        tmp = final.with_name(f"{TMP_PREFIX}final")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with writing(tmp, run_dir), ema_weights(acc, model, ema) as inner:
-            inner.inner.save_pretrained(tmp)
-            info.write(tmp)
-            checksum_tree(tmp)  # evaluate, export and generate check final/ against it
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+    gather = rebuild is not None or acc.is_main_process  # under FSDP every rank takes part in the gather
+    with ema_weights(acc, model, ema, rebuild) if gather else contextlib.nullcontext() as inner:
+        if acc.is_main_process:
+            tmp = final.with_name(f"{TMP_PREFIX}final")
+            shutil.rmtree(tmp, ignore_errors=True)
+            with writing(tmp, run_dir):
+                inner.inner.save_pretrained(tmp)
+                info.write(tmp)
+                checksum_tree(tmp)  # evaluate, export and generate check final/ against it
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
     acc.wait_for_everyone()
     return final
 
@@ -406,6 +477,11 @@ def resume_point(acc: Accelerator, run_dir: Path, fingerprint: str, resolved: di
     return found[-1] if found else None
 
 
+def eval_due(cfg: TrainConfig, step: int) -> bool:
+    """Whether an in-run evaluation falls on ``step`` (the same answer on every rank)."""
+    return cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.steps)
+
+
 def optimizer_step(acc: Accelerator, model, opt, sched, ema: EMAModel, loss: torch.Tensor, cfg: TrainConfig):
     """Backward, clip, step, schedule, EMA; returns the pre-clip gradient norm (or None)."""
     acc.backward(loss)
@@ -443,6 +519,14 @@ def _run(acc: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, track: Trac
     flops_per_image = 3 * forward_flops(model, spec, index["text"]["max_length"])  # forward + backward
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    fsdp = cfg.fsdp and acc.num_processes > 1  # one process has nothing to shard over
+    rebuild = None
+    if fsdp:
+        model.to(acc.device)
+        shard(model)  # before the optimizer and the EMA, so that both hold shards too
+
+        def rebuild() -> Denoiser:  # an unsharded model for the main process's evaluations and final/
+            return build_model(model_cfg.arch, model_cfg.size, spec).to(acc.device)
     ema = build_ema(model, cfg)
     opt, sched = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)
@@ -450,13 +534,14 @@ def _run(acc: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, track: Trac
     latest = resume_point(acc, run_dir, fingerprint, resolved)
     step, meta = 0, {}
     if latest is not None:
-        meta = load_checkpoint(latest, acc, model, ema, opt, sched, gen)
+        meta = load_checkpoint(latest, acc, model, ema, opt, sched, gen, fsdp)
         step = meta["step"]
         if (meta["world_size"], meta["num_workers"]) != (acc.num_processes, cfg.num_workers):
             print("train: resuming with a different process or worker count: the data order will differ "
                   "from an uninterrupted run", flush=True)
     ema.to(acc.device)
-    model, opt = acc.prepare(model, opt)
+    if not fsdp:  # DDP through accelerate; FSDP2 is applied above (accelerate runs FSDP on GPUs only)
+        model, opt = acc.prepare(model, opt)
     if cfg.compile:
         model = torch.compile(model)
 
@@ -495,28 +580,29 @@ def _run(acc: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, track: Trac
             if step % cfg.log_every == 0 or step == cfg.steps:
                 row = steplog.flush(step, sched.get_last_lr()[0], grad_norm, ema.get_decay(ema.optimization_step))
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if monitor is not None and monitor.due(step):
-                with ema_weights(acc, model, ema) as inner:
-                    row = monitor(inner, empty, step)
+            if monitor is not None and monitor.due(step) or fsdp and eval_due(cfg, step):  # FSDP: all ranks
+                with ema_weights(acc, model, ema, rebuild) as inner:
+                    row = monitor(inner, empty, step) if monitor is not None and monitor.due(step) else None
                 model.train()
-                bar.write(f"train: step {step} val loss {row['val_loss']:.4f}"
-                          + "".join(f", {k[4:]} {v:.0%}" for k, v in row.items() if k.startswith("acc_")))
+                if row is not None:
+                    bar.write(f"train: step {step} val loss {row['val_loss']:.4f}"
+                              + "".join(f", {k[4:]} {v:.0%}" for k, v in row.items() if k.startswith("acc_")))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 meta["samples_per_rank"] = step * cfg.batch_size  # the data position a resume skips to
                 meta["train_seconds"] = prior_seconds + time.perf_counter() - t_loop
-                save_checkpoint(acc, run_dir, step, model, ema, opt, sched, gen, meta, cfg.keep_checkpoints)
+                save_checkpoint(acc, run_dir, step, model, ema, opt, sched, gen, meta, cfg.keep_checkpoints, fsdp)
         bar.close()
         info = RunInfo(arch=model_cfg.arch, size=model_cfg.size, objective=cfg.objective, step=step, spec=spec,
                        latents=index["latents"], text=index["text"], parameters=n_params, shards=str(shards_dir),
                        shards_index_sha256=index_hash, config=resolved, mlflow_run_id=tracker.run_id,
                        flops_per_image=flops_per_image, batch_size=cfg.batch_size * acc.num_processes,
                        train_seconds=round(prior_seconds + time.perf_counter() - t_loop, 2))
-        final = save_final(acc, run_dir, model, ema, info)
+        final = save_final(acc, run_dir, model, ema, info, rebuild)
         tracker.finish(final if acc.is_main_process else None)
     last = steplog.last()
     return {"steps": step, "trained": step - start_step, "resumed_from": start_step, "loss": last.get("loss"),
             "images_per_s": last.get("images_per_s"), "parameters": n_params, "arch": model_cfg.arch,
-            "size": model_cfg.size, "objective": cfg.objective, "processes": acc.num_processes,
+            "size": model_cfg.size, "objective": cfg.objective, "processes": acc.num_processes, "fsdp": fsdp,
             "gflops_per_image": flops_per_image / 3 / 1e9, "seconds": round(time.perf_counter() - t_start, 2),
             "out": str(run_dir), "mlflow_run_id": tracker.run_id}
 
@@ -534,5 +620,6 @@ def summary_line(s: dict) -> str:
     loss = f"{s['loss']:.4f}" if s.get("loss") is not None else "n/a"
     rate = f"{s['images_per_s']:.0f} img/s" if s.get("images_per_s") else "n/a"
     return (f"train: {s['arch']} {s['size']} ({s['parameters'] / 1e6:.2f}M params, {s['objective']}) "
-            f"{s['trained']} steps to step {s['steps']}{resumed} on {s['processes']} process(es), loss {loss}, "
+            f"{s['trained']} steps to step {s['steps']}{resumed} on {s['processes']} process(es)"
+            f"{' (FSDP: sharded)' if s.get('fsdp') else ''}, loss {loss}, "
             f"{rate}, in {s['seconds']}s -> {s['out']}/final")

@@ -397,6 +397,49 @@ def test_two_machines_train_and_resume(tiny_shards, tmp_path):
     assert [c.name for c in checkpoints(run_dir)] == ["checkpoint-000004", "checkpoint-000008"]
 
 
+def _launch_two_processes(params, port: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip",
+         "127.0.0.1", "--main_process_port", str(port), "-m", "ditpipe", "train", "--params", str(params)],
+        env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_fsdp_over_two_processes_checkpoints_whole_and_resumes_to_the_same_losses(tiny_shards, tmp_path):
+    """FSDP2 (train.fsdp) on 2 CPU processes over gloo: a run stopped at step 4 and resumed to 8 logs the same
+    per-step losses as one that ran straight to 8; checkpoints and final/ hold whole, unsharded weights."""
+    from safetensors.torch import load_file
+
+    from ditpipe.models import load_denoiser
+    from tests.flows.test_pipeline import free_port
+
+    def params(name, steps):
+        path = tmp_path / f"{name}-{steps}.yaml"
+        path.write_text(yaml.safe_dump({
+            "paths": {"shards": str(tiny_shards / "shards"), "train": str(tmp_path / name)},
+            "model": {"arch": "dit", "size": "T/2"},
+            "train": {"steps": steps, "batch_size": 4, "log_every": 1, "checkpoint_every": 4, "fsdp": True,
+                      "eval_every": 4, "eval_samples": 2, "eval_steps": 2},
+            "tracking": {"enabled": False},
+        }))
+        return path
+
+    for name, steps in (("straight", 8), ("resumed", 4), ("resumed", 8)):
+        proc = _launch_two_processes(params(name, steps), free_port())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 4 on 2 process(es) (FSDP: sharded)" in proc.stdout
+    a = [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl")]
+    b = [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")]
+    assert len(a) == 8 and a == b
+    weights = load_file(str(tmp_path / "straight" / "checkpoints" / "checkpoint-000008" / "model.safetensors"))
+    plain = load_denoiser(tmp_path / "straight" / "final")[0]
+    assert sum(v.numel() for v in weights.values()) == sum(p.numel() for p in plain.parameters())  # whole
+    evals = list(read_jsonl(tmp_path / "straight" / "eval.jsonl"))  # in-run evaluations gathered the EMA shards
+    assert [r["step"] for r in evals] == [4, 8] and all(r["val_loss"] > 0 for r in evals)
+
+
 @pytest.mark.slow
 def test_compiled_checkpointed_run_resumes_uncompiled(tiny_shards, tmp_path):
     """torch.compile and gradient checkpointing change how steps run, not what a checkpoint holds."""
