@@ -8,7 +8,7 @@
    At ~1 MB samples (T5-sized caption embeddings): memory-mapped vs streamed shards vs .npy files.
    resume: time to the first sample of a resume 10.5 epochs in, skipping by index counts vs reading to skip.
    cluster: latents and text in-process vs as parts on a 2-worker local Dask cluster (--only cluster).
-3. memory: peak RSS of `ditpipe prepare` and `ditpipe shards` at 1k and 10k samples (must not grow).
+3. memory: peak RSS of `ditpipe prepare`, `latents`, `text` and `shards` by dataset size (must not grow).
 """
 
 from __future__ import annotations
@@ -257,17 +257,21 @@ def peak_rss_mb(stage: str, params: Path, cwd: Path) -> float:
 
 
 def bench_memory(sizes: list[int]) -> None:
-    print("\n== memory: peak RSS of prepare and shards by dataset size")
+    print("\n== memory: peak RSS of each per-sample data stage by dataset size (MB)")
+    stages = ("prepare", "latents", "text", "shards")
+    print(f"{'samples':>8}  " + "  ".join(f"{s:>8}" for s in stages))
     for n in sizes:
         with tempfile.TemporaryDirectory() as d:
             params = Path(d) / "params.yaml"
             params.write_text(yaml.safe_dump({"data": {"count": n}, "vae": {"steps": 5}}))
-            prep = peak_rss_mb("prepare", params, Path(d))
-            for stage in ("vae", "latents", "text"):
-                subprocess.run([sys.executable, "-m", "ditpipe", stage, "--params", str(params)], cwd=d, check=True,
-                               capture_output=True)
-            shards = peak_rss_mb("shards", params, Path(d))
-            print(f"{n:6d} samples   prepare {prep:7.1f} MB   shards {shards:7.1f} MB")
+            peaks = {}
+            for stage in ("prepare", "vae", "latents", "text", "shards"):
+                if stage == "vae":  # not per-sample: trained for 5 steps only so that latents has a VAE
+                    subprocess.run([sys.executable, "-m", "ditpipe", stage, "--params", str(params)], cwd=d,
+                                   check=True, capture_output=True)
+                else:
+                    peaks[stage] = peak_rss_mb(stage, params, Path(d))
+            print(f"{n:8d}  " + "  ".join(f"{peaks[s]:8.1f}" for s in stages), flush=True)
 
 
 def main() -> None:

@@ -56,10 +56,11 @@ class PreparedImages(Dataset):
     """Images of one split of a prepared folder, as [-1, 1] tensors; loaded lazily, each checked against the
     pixel sha256 ``prepare`` recorded for it (a damaged image is an error naming it, never encoded)."""
 
-    def __init__(self, prepared: str | Path, split: str | None, flip: bool = False):
+    def __init__(self, prepared: str | Path, split: str | None, flip: bool = False, rows: list[dict] | None = None):
         self.root = Path(prepared)
-        rows = read_jsonl(self.root / "samples.jsonl")
-        self.rows = [r for r in rows if split is None or r["split"] == split]
+        if rows is None:  # given rows: only those (a stage streaming samples.jsonl in chunks holds one chunk)
+            rows = [r for r in read_jsonl(self.root / "samples.jsonl") if split is None or r["split"] == split]
+        self.rows = rows
         self.flip = flip
 
     def __len__(self) -> int:

@@ -9,12 +9,13 @@ everything, and a killed run resumes where it stopped. ``index.json`` maps each 
 from __future__ import annotations
 
 import functools
+import itertools
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ditpipe.autoencoder import PreparedImages, load_vae
@@ -82,25 +83,29 @@ def encode_part(cfg: LatentsConfig, prepared: str, vae_dir: str, cache_dir: str,
     vae, vae_id = _vae(vae_dir, cfg.dtype, cfg.device)
     resolution = read_json(Path(prepared) / "meta.json")["resolution"]
     cache = TensorCache(Path(cache_dir), "latents")
-    todo = []  # (row in samples.jsonl, sample key, cache key)
-    for i, row in enumerate(read_jsonl(Path(prepared) / "samples.jsonl")):
-        if parts == 1 or part_of(row["key"], parts) == part:
+
+    def mine() -> Iterator[dict]:  # samples.jsonl streamed, never held: memory does not grow with the dataset
+        return (row for row in read_jsonl(Path(prepared) / "samples.jsonl")
+                if parts == 1 or part_of(row["key"], parts) == part)
+
+    def missing() -> Iterator[tuple[dict, str]]:
+        for row in mine():
             key = latent_key(row["sha256"], vae_id, resolution, cfg)
             if not cache.valid(key):
-                todo.append((i, row["key"], key))
+                yield row, key
+
     store = TORCH_DTYPES[cfg.storage_dtype]
-    loader = DataLoader(Subset(PreparedImages(prepared, None), [row for row, _, _ in todo]),
-                        batch_size=cfg.batch_size, num_workers=0)
     meta = {"vae": vae_id, "resolution": str(resolution)}
-    done = 0
-    with tqdm(total=len(todo), desc="latents", unit="img", disable=None if progress else True) as bar:
-        for batch in loader:
-            enc = encode_batch(vae, batch, cfg.flip)
-            for j in range(len(batch)):
-                _, sample, key = todo[done + j]
-                cache.put(key, {k: v[j].to(store) for k, v in enc.items()}, {**meta, "sample": sample})
+    todo, done = missing(), 0
+    with tqdm(total=sum(1 for _ in mine()), desc="latents", unit="img", disable=None if progress else True) as bar:
+        while batch := list(itertools.islice(todo, cfg.batch_size)):
+            images = PreparedImages(prepared, None, rows=[row for row, _ in batch])
+            enc = encode_batch(vae, torch.stack([images[j] for j in range(len(batch))]), cfg.flip)
+            for j, (row, key) in enumerate(batch):
+                cache.put(key, {k: v[j].to(store) for k, v in enc.items()}, {**meta, "sample": row["key"]})
             done += len(batch)
             bar.update(len(batch))
+        bar.update(bar.total - bar.n)  # the cached rest
     return done
 
 
@@ -113,7 +118,7 @@ def _run(cfg: LatentsConfig, prepared: str | Path, vae_dir: str | Path, out_dir:
     if not (Path(vae_dir) / "config.json").exists():
         raise DitpipeError(f"{vae_dir} holds no VAE: run `ditpipe vae` first")
     resolution = read_json(prepared / "meta.json")["resolution"]
-    samples = [(row["key"], row["sha256"]) for row in read_jsonl(prepared / "samples.jsonl")]
+    samples = [(row["key"], row["sha256"]) for row in read_jsonl(prepared / "samples.jsonl")]  # 2 strings each
     if not samples:  # pruning against an empty list would empty the cache
         raise DitpipeError(f"{prepared}/samples.jsonl holds no samples: nothing to encode, cache left as it is")
     vae, vae_id = _vae(str(vae_dir), cfg.dtype, cfg.device)

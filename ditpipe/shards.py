@@ -187,7 +187,7 @@ def _run(cfg: ShardsConfig, prepared: str | Path, latents_dir: str | Path, text_
         if not folder.exists():
             raise DitpipeError(f"{folder} is missing: run `ditpipe {stage}` first")
     rows_path = prepared / "samples.jsonl"
-    samples = scan_rows(rows_path)  # only key, split and file offset per sample: memory stays flat
+    samples = scan_rows(rows_path)  # key, split and file offset per sample; the rows stay on disk
     lat_index, txt_index = read_json(latents_dir / "index.json"), read_json(text_dir / "index.json")
     lat_cache, txt_cache = TensorCache(latents_dir / "cache", "latents"), TensorCache(text_dir / "cache", "text")
     _check_fresh(read_jsonl(rows_path), lat_index, txt_index, lat_cache, txt_cache)

@@ -8,7 +8,9 @@ so only captions that are new (or a changed encoder) cost an encoder pass.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,9 +27,9 @@ def text_key(caption: str, encoder_id: str, cfg: TextConfig) -> str:
     return cache_key("text/v1", caption_hash(caption), encoder_id, cfg.max_length, cfg.dtype)
 
 
-def unique_captions(captions: list[str]) -> list[str]:
+def unique_captions(captions: Iterable[str]) -> list[str]:
     """Distinct captions in first-seen order, with the empty caption (for CFG) first."""
-    return list(dict.fromkeys(["", *captions]))
+    return list(dict.fromkeys(itertools.chain([""], captions)))
 
 
 def run(cfg: TextConfig, prepared: str | Path, out_dir: str | Path, cluster: ClusterConfig | None = None) -> dict:
@@ -50,7 +52,7 @@ def encode_part(cfg: TextConfig, prepared: str, cache_dir: str, part: int, parts
     many. Paths in, entries out through the cache."""
     encoder = _encoder(cfg.encoder, cfg.max_length, cfg.dtype, cfg.device)
     cache = TensorCache(Path(cache_dir), "text")
-    captions = unique_captions([row["caption"] for row in read_jsonl(Path(prepared) / "samples.jsonl")])
+    captions = unique_captions(row["caption"] for row in read_jsonl(Path(prepared) / "samples.jsonl"))
     todo = [c for c in captions if (parts == 1 or part_of(caption_hash(c), parts) == part)
             and not cache.valid(text_key(c, encoder.identity, cfg))]
     with tqdm(total=len(todo), desc="text", unit="caption", disable=None if progress else True) as bar:
@@ -69,10 +71,9 @@ def _run(cfg: TextConfig, prepared: str | Path, out_dir: str | Path, cluster: Cl
     prepared, out_dir = Path(prepared), Path(out_dir)
     if not (prepared / "samples.jsonl").exists():
         raise DitpipeError(f"{prepared} has no samples.jsonl: run `ditpipe prepare` first")
-    rows = list(read_jsonl(prepared / "samples.jsonl"))
-    if not rows:  # pruning against no captions would empty the cache
+    if next(read_jsonl(prepared / "samples.jsonl"), None) is None:  # pruning against no captions would empty the cache
         raise DitpipeError(f"{prepared}/samples.jsonl holds no samples: nothing to encode, cache left as it is")
-    captions = unique_captions([s["caption"] for s in rows])
+    captions = unique_captions(row["caption"] for row in read_jsonl(prepared / "samples.jsonl"))  # rows streamed
     encoder = _encoder(cfg.encoder, cfg.max_length, cfg.dtype, cfg.device)
     cache = TensorCache(out_dir / "cache", "text")
     cache.clean_temps()
