@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Container
 from pathlib import Path
 
 import torch
@@ -18,9 +18,22 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ditpipe.errors import DitpipeError
-from ditpipe.io import TMP_PREFIX, remove_stale_temps
+from ditpipe.io import TMP_PREFIX, cache_key, remove_stale_temps, sha256_bytes
 
 DIGEST = "ditpipe.sha256"
+
+
+def latent_key(sample_sha: str, vae_id: str, resolution: int, dtype: str, storage_dtype: str, flip: bool) -> str:
+    """The latents cache entry of a prepared image: its pixel sha256 + the VAE's weight hash + resolution +
+    dtypes + flip. ``latents`` writes under it; ``shards`` finds the entry from the row and the index header,
+    so no per-sample map is held or written."""
+    return cache_key("latents/v1", sample_sha, vae_id, resolution, dtype, storage_dtype, flip)
+
+
+def text_key(caption: str, encoder_id: str, max_length: int, dtype: str) -> str:
+    """The text cache entry of a caption: its sha256 + the encoder's identity + max length + dtype (found by
+    ``shards`` from the caption and the text index's fields, like :func:`latent_key`)."""
+    return cache_key("text/v1", sha256_bytes(caption.encode("utf-8")), encoder_id, max_length, dtype)
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -87,11 +100,14 @@ class TensorCache:
         """Remove what a killed writer left half-written."""
         return remove_stale_temps(self.root)
 
-    def prune(self, keep: Iterable[str]) -> int:
-        """Delete entries not in ``keep`` (stale VAE or encoder); return how many."""
-        keep = set(keep)
+    def prune(self, keep: Container[str]) -> int:
+        """Delete entries not in ``keep`` (stale VAE or encoder); return how many. ``keep`` may be a
+        :class:`~ditpipe.io.DiskSet`: the cache is walked, not listed into memory."""
         gone = 0
-        for key in self.keys() - keep:
-            self.path(key).unlink(missing_ok=True)
-            gone += 1
+        if not self.root.exists():
+            return 0
+        for path in self.root.glob("*/*.safetensors"):
+            if not path.name.startswith(TMP_PREFIX) and path.stem not in keep:
+                path.unlink(missing_ok=True)
+                gone += 1
         return gone

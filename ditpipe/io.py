@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
@@ -150,6 +151,44 @@ def remove_stale_temps(folder: str | Path) -> int:
             p.unlink(missing_ok=True)
         n += 1
     return n
+
+
+class DiskSet:
+    """A set of strings in a SQLite scratch file, in insertion order: what a stage must remember per sample
+    (distinct captions, the cache entries to keep) without holding it in memory (SQLite's page cache is
+    bounded). Use it as a context manager: the file (a temp name, removed by :func:`remove_stale_temps`
+    if the process is killed) is deleted on exit."""
+
+    def __init__(self, folder: str | Path, name: str):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.path = Path(folder) / f"{TMP_PREFIX}{name}-{os.getpid()}.sqlite"
+        self.path.unlink(missing_ok=True)
+        self.db = sqlite3.connect(self.path)
+        self.db.execute("PRAGMA journal_mode=OFF")  # scratch: nothing to recover after a crash
+        self.db.execute("CREATE TABLE items (item TEXT PRIMARY KEY)")
+        self.size = 0
+
+    def add(self, item: str) -> bool:
+        """Add ``item``; True if it was new."""
+        new = self.db.execute("INSERT OR IGNORE INTO items VALUES (?)", (item,)).rowcount == 1
+        self.size += new
+        return new
+
+    def __contains__(self, item: object) -> bool:
+        return self.db.execute("SELECT 1 FROM items WHERE item = ?", (item,)).fetchone() is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return (item for (item,) in self.db.execute("SELECT item FROM items ORDER BY rowid"))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __enter__(self) -> DiskSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.db.close()
+        self.path.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:

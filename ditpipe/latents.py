@@ -3,12 +3,14 @@
 Stores the posterior mean and log-variance per sample (so training can resample), and optionally
 the horizontally flipped view's. The cache key is the sample's pixel hash + the VAE's weight hash +
 resolution + dtypes + flip: re-running with nothing changed encodes nothing, a new VAE re-encodes
-everything, and a killed run resumes where it stopped. ``index.json`` maps each sample to its entry.
+everything, and a killed run resumes where it stopped. ``index.json`` holds what the key is made of
+(VAE, resolution, dtypes, flip) and which samples it covers: a reader finds each entry from the sample's sha256.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import time
 from collections.abc import Iterator
@@ -19,13 +21,13 @@ from diffusers import AutoencoderKL
 from tqdm import tqdm
 
 from ditpipe.autoencoder import PreparedImages, load_vae
-from ditpipe.cache import TensorCache
+from ditpipe.cache import TensorCache, latent_key
 from ditpipe.cluster import part_of, run_parts
 from ditpipe.config import ClusterConfig, LatentsConfig
 from ditpipe.errors import DitpipeError
 from ditpipe.io import (
     TORCH_DTYPES,
-    cache_key,
+    DiskSet,
     exclusive,
     read_json,
     read_jsonl,
@@ -35,8 +37,8 @@ from ditpipe.io import (
 )
 
 
-def latent_key(sample_sha: str, vae_id: str, resolution: int, cfg: LatentsConfig) -> str:
-    return cache_key("latents/v1", sample_sha, vae_id, resolution, cfg.dtype, cfg.storage_dtype, cfg.flip)
+def sample_key(sample_sha: str, vae_id: str, resolution: int, cfg: LatentsConfig) -> str:
+    return latent_key(sample_sha, vae_id, resolution, cfg.dtype, cfg.storage_dtype, cfg.flip)
 
 
 @torch.no_grad()
@@ -90,7 +92,7 @@ def encode_part(cfg: LatentsConfig, prepared: str, vae_dir: str, cache_dir: str,
 
     def missing() -> Iterator[tuple[dict, str]]:
         for row in mine():
-            key = latent_key(row["sha256"], vae_id, resolution, cfg)
+            key = sample_key(row["sha256"], vae_id, resolution, cfg)
             if not cache.valid(key):
                 yield row, key
 
@@ -118,8 +120,7 @@ def _run(cfg: LatentsConfig, prepared: str | Path, vae_dir: str | Path, out_dir:
     if not (Path(vae_dir) / "config.json").exists():
         raise DitpipeError(f"{vae_dir} holds no VAE: run `ditpipe vae` first")
     resolution = read_json(prepared / "meta.json")["resolution"]
-    samples = [(row["key"], row["sha256"]) for row in read_jsonl(prepared / "samples.jsonl")]  # 2 strings each
-    if not samples:  # pruning against an empty list would empty the cache
+    if next(read_jsonl(prepared / "samples.jsonl"), None) is None:  # pruning against no samples would empty the cache
         raise DitpipeError(f"{prepared}/samples.jsonl holds no samples: nothing to encode, cache left as it is")
     vae, vae_id = _vae(str(vae_dir), cfg.dtype, cfg.device)
 
@@ -129,24 +130,32 @@ def _run(cfg: LatentsConfig, prepared: str | Path, vae_dir: str | Path, out_dir:
     args = [(cfg, str(prepared), str(vae_dir), str(out_dir / "cache"), part, parts, parts == 1)
             for part in range(parts)]
     encoded = sum(run_parts(cluster, encode_part, args, "latents"))
-    keys = [latent_key(sha, vae_id, resolution, cfg) for _, sha in samples]
-    pruned = cache.prune(keys)
+    listing, total, first = hashlib.sha256(), 0, None
+    with DiskSet(out_dir / "cache", "keep") as keep:  # streamed: nothing per sample is held in memory
+        for row in read_jsonl(prepared / "samples.jsonl"):
+            key = sample_key(row["sha256"], vae_id, resolution, cfg)
+            keep.add(key)
+            listing.update(f"{row['key']}\t{key}\n".encode())
+            total, first = total + 1, first or key
+        pruned = cache.prune(keep)
     seconds = time.perf_counter() - t0
-    shape = list(cache.get(keys[0])["mean"].shape) if keys else []
     index = {
         "vae_identity": vae_id,
         "scaling_factor": float(vae.config.scaling_factor),
         "shift_factor": getattr(vae.config, "shift_factor", None),
         "resolution": resolution,
-        "latent_shape": shape,
+        "latent_shape": list(cache.get(first)["mean"].shape),
         "dtype": cfg.dtype,
         "storage_dtype": cfg.storage_dtype,
         "flip": cfg.flip,
-        "samples": {sample: k for (sample, _), k in zip(samples, keys)},
+        # entries are found by cache.latent_key from a sample's sha256 and the fields above; the count and the
+        # sha256 of the (sample key, entry) listing say which samples this index covers
+        "samples": total,
+        "samples_sha256": listing.hexdigest(),
     }
     write_json(out_dir / "index.json", index)
-    return {"encoded": encoded, "cached": len(keys) - encoded, "total": len(keys), "pruned": pruned,
-            "shape": shape, "seconds": round(seconds, 2), "out": str(out_dir),
+    return {"encoded": encoded, "cached": total - encoded, "total": total, "pruned": pruned,
+            "shape": index["latent_shape"], "seconds": round(seconds, 2), "out": str(out_dir),
             "device": str(resolve_device(cfg.device)), "engine": cluster.engine}
 
 

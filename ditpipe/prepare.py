@@ -10,8 +10,10 @@ Output folder (``paths.prepared``), written under a temp name and swapped in who
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -25,7 +27,7 @@ from ditpipe.config import DataConfig
 from ditpipe.data.images import NormalizeSpec, Rejected, normalize, png_bytes, to_rgb
 from ditpipe.data.readers import RawSample, open_source
 from ditpipe.errors import DitpipeError
-from ditpipe.io import pixel_hash, sha256_bytes, staged_dir, write_json
+from ditpipe.io import TMP_PREFIX, pixel_hash, sha256_bytes, staged_dir, write_json
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -103,29 +105,50 @@ class Tally:
         }
 
 
-def prepare_samples(raws: Iterable[RawSample], cfg: DataConfig, tally: Tally) -> Iterator[tuple[Accepted, str]]:
+class Seen:
+    """Keys and pixel hashes accepted so far, in SQLite: in memory by default, in a scratch file when given one,
+    so that a stage over millions of samples holds none of them (SQLite's page cache is bounded)."""
+
+    def __init__(self, path: str | Path = ":memory:"):
+        self.db = sqlite3.connect(path)
+        self.db.execute("PRAGMA journal_mode=OFF")  # scratch: rebuilt by every run
+        self.db.execute("CREATE TABLE seen (key TEXT PRIMARY KEY, pixels TEXT UNIQUE)")
+
+    def first_with(self, column: str, value: str) -> str | None:
+        """The key of the sample accepted first with this key or these pixels, or None."""
+        assert column in ("key", "pixels")
+        found = self.db.execute(f"SELECT key FROM seen WHERE {column} = ?", (value,)).fetchone()
+        return found[0] if found else None
+
+    def add(self, key: str, pixels: str) -> None:
+        self.db.execute("INSERT INTO seen VALUES (?, ?)", (key, pixels))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def prepare_samples(raws: Iterable[RawSample], cfg: DataConfig, tally: Tally,
+                    seen: Seen | None = None) -> Iterator[tuple[Accepted, str]]:
     """The core: raw samples in, ``(accepted, split)`` out; rejections go to ``tally``.
 
     Exact duplicates (same key, or same normalized pixels) keep the first and reject the rest.
     """
     spec = NormalizeSpec(cfg.resolution, cfg.min_size, cfg.max_pixels, cfg.background)
-    keys: set[str] = set()
-    pixels: dict[str, str] = {}
+    seen = seen or Seen()
     for raw in raws:
         if cfg.limit and tally.seen >= cfg.limit:
             break
         tally.seen += 1
         try:
             acc = process(raw, spec)
-            if acc.key in keys:
+            if seen.first_with("key", acc.key) is not None:
                 raise Rejected(f"duplicate key: {acc.key}")
-            if acc.sha256 in pixels:
-                raise Rejected(f"duplicate image: same pixels as {pixels[acc.sha256]}")
+            if (first := seen.first_with("pixels", acc.sha256)) is not None:
+                raise Rejected(f"duplicate image: same pixels as {first}")
         except Rejected as rej:
             tally.reject(raw.key, rej.reason)
             continue
-        keys.add(acc.key)
-        pixels[acc.sha256] = acc.key
+        seen.add(acc.key, acc.sha256)
         split = split_of(acc.key, cfg.val_fraction)
         tally.accepted += 1
         tally.splits[split] += 1
@@ -152,14 +175,16 @@ def run(cfg: DataConfig, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
-        with open(tmp / "samples.jsonl", "w") as rows:
-            bar = tqdm(prepare_samples(raws, cfg, tally), desc="prepare", unit="img", disable=None)
+        seen = Seen(tmp / f"{TMP_PREFIX}seen.sqlite")  # on disk, removed below: memory stays flat
+        with open(tmp / "samples.jsonl", "w") as rows, contextlib.closing(seen):
+            bar = tqdm(prepare_samples(raws, cfg, tally, seen), desc="prepare", unit="img", disable=None)
             for acc, split in bar:
                 rel = f"images/{acc.key}.png"
                 (tmp / rel).write_bytes(png_bytes(acc.image))
                 row = {"key": acc.key, "file": rel, "caption": acc.caption, "split": split,
                        "sha256": acc.sha256, "meta": acc.meta}
                 rows.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+        (tmp / f"{TMP_PREFIX}seen.sqlite").unlink()
         report = tally.report()
         write_json(tmp / "report.json", report)
         if not tally.accepted:

@@ -13,9 +13,11 @@ import io
 import json
 import os
 import random
+import sqlite3
 import tarfile
 import tempfile
 import time
+from array import array
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -27,9 +29,8 @@ import webdataset as wds
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ditpipe.cache import TensorCache
+from ditpipe.cache import TensorCache, latent_key, text_key
 from ditpipe.config import ShardsConfig
-from ditpipe.encoders import caption_hash
 from ditpipe.errors import DitpipeError
 from ditpipe.io import TMP_PREFIX, is_url, read_json, read_jsonl, sha256_file, staged_dir, write_json
 
@@ -117,16 +118,32 @@ class AtomicShardWriter:
         return self.shards
 
 
-def scan_rows(path: Path) -> list[dict]:
-    """``{key, split, offset}`` of every line of samples.jsonl (the rows stay on disk)."""
-    entries, offset = [], 0
+def ordered_offsets(rows_path: Path, split: str, seed: int, work: Path) -> array:
+    """File offsets of ``split``'s rows of samples.jsonl in :func:`write_order`'s order, with 8 bytes per sample
+    in memory: the keys are sorted by SQLite in a file under ``work`` (UTF-8 byte order is code point order,
+    as Python sorts), and shuffling the offsets draws the same permutation as shuffling the rows."""
+    db = sqlite3.connect(work / f"{TMP_PREFIX}order-{split}.sqlite")
+    try:
+        db.execute("PRAGMA journal_mode=OFF")  # scratch: no journal file beside it, deleted below
+        db.execute("CREATE TABLE rows (key TEXT, offset INTEGER)")
+        db.executemany("INSERT INTO rows VALUES (?, ?)", (
+            (row["key"], offset) for offset, row in _rows_with_offsets(rows_path) if row["split"] == split))
+        offsets = array("q", (offset for (offset,) in db.execute("SELECT offset FROM rows ORDER BY key")))
+    finally:
+        db.close()
+        (work / f"{TMP_PREFIX}order-{split}.sqlite").unlink(missing_ok=True)
+    if split == "train":
+        random.Random(seed).shuffle(offsets)
+    return offsets
+
+
+def _rows_with_offsets(path: Path) -> Iterator[tuple[int, dict]]:
+    offset = 0
     with open(path, "rb") as f:
         for line in f:
             if line.strip():
-                row = json.loads(line)
-                entries.append({"key": row["key"], "split": row["split"], "offset": offset})
+                yield offset, json.loads(line)
             offset += len(line)
-    return entries
 
 
 def read_row(f, offset: int) -> dict:
@@ -146,7 +163,7 @@ def pack(rows: Iterable[dict], writer: AtomicShardWriter, load_latents, load_tex
     """The core: stream prepared rows into ``writer``; yield each key written."""
     for row in rows:
         info = {"key": row["key"], "caption": row["caption"], "meta": row.get("meta", {})}
-        writer.write(encode_sample(row["key"], load_latents(row["key"]), load_text(row["caption"]), info))
+        writer.write(encode_sample(row["key"], load_latents(row), load_text(row["caption"]), info))
         yield row["key"]
 
 
@@ -187,24 +204,26 @@ def _run(cfg: ShardsConfig, prepared: str | Path, latents_dir: str | Path, text_
         if not folder.exists():
             raise DitpipeError(f"{folder} is missing: run `ditpipe {stage}` first")
     rows_path = prepared / "samples.jsonl"
-    samples = scan_rows(rows_path)  # key, split and file offset per sample; the rows stay on disk
     lat_index, txt_index = read_json(latents_dir / "index.json"), read_json(text_dir / "index.json")
     lat_cache, txt_cache = TensorCache(latents_dir / "cache", "latents"), TensorCache(text_dir / "cache", "text")
-    _check_fresh(read_jsonl(rows_path), lat_index, txt_index, lat_cache, txt_cache)
+    lat_fields = [lat_index[k] for k in ("vae_identity", "resolution", "dtype", "storage_dtype", "flip")]
+    txt_fields = [txt_index[k] for k in ("encoder_identity", "max_length", "dtype")]
+    total = _check_fresh(read_jsonl(rows_path), lat_fields, txt_fields, lat_cache, txt_cache)
 
-    def load_latents(key: str) -> dict[str, torch.Tensor]:
-        return lat_cache.get(lat_index["samples"][key])
+    def load_latents(row: dict) -> dict[str, torch.Tensor]:
+        return lat_cache.get(latent_key(row["sha256"], *lat_fields))
 
     @lru_cache(maxsize=128)  # bounded: train order is shuffled, so a big cache would only grow memory
     def load_text(caption: str) -> dict[str, torch.Tensor]:
-        return txt_cache.get(txt_index["captions"][caption_hash(caption)])
+        return txt_cache.get(text_key(caption, *txt_fields))
 
     splits = {}
-    bar = tqdm(total=len(samples), desc="shards", unit="sample", disable=None)
+    bar = tqdm(total=total, desc="shards", unit="sample", disable=None)
     with open(rows_path, "rb") as rows_file, staged_dir(out_dir) as tmp, bar:
         for split in SPLITS:
             writer = AtomicShardWriter(tmp, split, cfg.max_samples, cfg.max_bytes)
-            rows = (read_row(rows_file, entry["offset"]) for entry in write_order(samples, split, cfg.seed))
+            offsets = ordered_offsets(rows_path, split, cfg.seed, tmp)  # memory: 8 bytes a sample
+            rows = (read_row(rows_file, offset) for offset in offsets)
             for _ in pack(rows, writer, load_latents, load_text):
                 bar.update()
             shards = writer.close()
@@ -227,16 +246,17 @@ def _run(cfg: ShardsConfig, prepared: str | Path, latents_dir: str | Path, text_
             "seconds": round(time.perf_counter() - t0, 2), "out": str(out_dir)}
 
 
-def _check_fresh(samples: Iterable[dict], lat_index: dict, txt_index: dict, lat_cache: TensorCache,
-                 txt_cache: TensorCache) -> None:
-    """Every sample must have its latents and caption embedding; name the first that does not."""
+def _check_fresh(samples: Iterable[dict], lat_fields: list, txt_fields: list, lat_cache: TensorCache,
+                 txt_cache: TensorCache) -> int:
+    """Every sample must have its latents and caption embedding; name the first that does not. Returns the count."""
+    n = 0
     for s in samples:
-        lk = lat_index["samples"].get(s["key"])
-        if lk is None or not lat_cache.has(lk):
+        n += 1
+        if not lat_cache.has(latent_key(s["sha256"], *lat_fields)):
             raise DitpipeError(f"no latents for sample {s['key']!r}: the latents are stale, run `ditpipe latents`")
-        tk = txt_index["captions"].get(caption_hash(s["caption"]))
-        if tk is None or not txt_cache.has(tk):
+        if not txt_cache.has(text_key(s["caption"], *txt_fields)):
             raise DitpipeError(f"no embedding for caption {s['caption']!r}: run `ditpipe text`")
+    return n
 
 
 def summary_line(s: dict) -> str:

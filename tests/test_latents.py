@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from ditpipe.cache import TensorCache
+from ditpipe.cache import TensorCache, latent_key
 from ditpipe.config import DataConfig, LatentsConfig, VaeConfig
-from ditpipe.io import TMP_PREFIX, read_json
+from ditpipe.io import TMP_PREFIX, read_json, read_jsonl
 from ditpipe.latents import encode_batch, run
 from ditpipe.prepare import run as prepare
 from ditpipe.vae import build_vae
@@ -45,7 +45,8 @@ def test_rerun_encodes_nothing_and_new_vae_reencodes_all(upstream):
     again = run(cfg, p / "prepared", p / "vae", p / "latents")
     assert again["encoded"] == 0 and again["cached"] == 40
     index = read_json(p / "latents" / "index.json")
-    assert len(index["samples"]) == 40 and index["latent_shape"] == [4, 8, 8]
+    assert index["samples"] == 40 and index["latent_shape"] == [4, 8, 8]
+    assert not list((p / "latents").rglob(f"{TMP_PREFIX}*"))  # the on-disk sets are gone with the run
     other = VaeConfig(block_out_channels=(8, 16), latent_channels=4, steps=2, batch_size=8, seed=1)
     make_vae(other, p / "prepared", p / "vae")
     new = run(cfg, p / "prepared", p / "vae", p / "latents")
@@ -54,9 +55,16 @@ def test_rerun_encodes_nothing_and_new_vae_reencodes_all(upstream):
     flipped = run(LatentsConfig(batch_size=16, flip=True, storage_dtype="float16"), p / "prepared", p / "vae",
                   p / "latents")
     assert flipped["encoded"] == 40
-    index = read_json(p / "latents" / "index.json")
-    entry = TensorCache(p / "latents" / "cache").get(index["samples"]["shapes-0000000"])
+    entry = TensorCache(p / "latents" / "cache").get(entry_key(p, "shapes-0000000"))
     assert entry["mean_flip"].dtype == torch.float16
+
+
+def entry_key(p, sample: str) -> str:
+    """A sample's latents entry, found as shards finds it: from its row and the index's fields."""
+    index = read_json(p / "latents" / "index.json")
+    row = next(r for r in read_jsonl(p / "prepared" / "samples.jsonl") if r["key"] == sample)
+    return latent_key(row["sha256"], index["vae_identity"], index["resolution"], index["dtype"],
+                      index["storage_dtype"], index["flip"])
 
 
 @pytest.mark.slow
@@ -107,9 +115,8 @@ def test_damaged_cache_entries_are_re_encoded_and_named_by_readers(upstream):
     p = upstream
     cfg = LatentsConfig(batch_size=16)
     run(cfg, p / "prepared", p / "vae", p / "latents")
-    index = read_json(p / "latents" / "index.json")
     cache = TensorCache(p / "latents" / "cache", "latents")
-    key = index["samples"]["shapes-0000003"]
+    key = entry_key(p, "shapes-0000003")
     good = cache.get(key)
     data = bytearray(cache.path(key).read_bytes())
     data[-3] ^= 0xFF  # inside the tensor data: safetensors still loads it, only the digest sees it

@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from ditpipe.cache import TensorCache
+from ditpipe.cache import TensorCache, text_key
 from ditpipe.config import TextConfig
-from ditpipe.encoders import ENCODERS, TextEncoder, caption_hash
+from ditpipe.encoders import ENCODERS, TextEncoder
 from ditpipe.errors import DitpipeError
-from ditpipe.io import read_json
+from ditpipe.io import DiskSet, read_json
 from ditpipe.text import run, unique_captions
 
 
@@ -18,8 +18,12 @@ def write_prepared(root, captions):
     (root / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_unique_captions_put_empty_first():
-    assert unique_captions(["b", "a", "b", ""]) == ["", "b", "a"]
+def test_unique_captions_put_empty_first(tmp_path):
+    assert list(unique_captions(["b", "a", "b", ""], set())) == ["", "b", "a"]
+    with DiskSet(tmp_path, "captions") as seen:  # what the stage uses: the same answer, kept on disk
+        assert list(unique_captions(["b", "a", "b", ""], seen)) == ["", "b", "a"] and len(seen) == 3
+        assert "a" in seen and "c" not in seen and list(seen) == ["", "b", "a"]
+    assert list(tmp_path.iterdir()) == []  # the scratch file is gone
 
 
 def test_only_new_captions_are_encoded(tmp_path, tiny_text_encoder):
@@ -31,7 +35,9 @@ def test_only_new_captions_are_encoded(tmp_path, tiny_text_encoder):
     second = run(cfg, tmp_path / "p", tmp_path / "text")
     assert second["encoded"] == 1 and second["cached"] == 2 and second["pruned"] == 1
     index = read_json(tmp_path / "text" / "index.json")
-    entry = TensorCache(tmp_path / "text" / "cache").get(index["captions"][caption_hash("a green star")])
+    assert index["captions"] == 3 and not list((tmp_path / "text").rglob(".tmp-*"))  # on-disk sets removed
+    key = text_key("a green star", index["encoder_identity"], index["max_length"], index["dtype"])  # as shards finds it
+    entry = TensorCache(tmp_path / "text" / "cache").get(key)
     assert entry["emb"].shape == (8, 32) and entry["mask"].shape == (8,) and entry["pooled"].shape == (32,)
     assert entry["mask"].sum() == 5  # [CLS] a green star [SEP]
     empty = TensorCache(tmp_path / "text" / "cache").get(index["empty"])
