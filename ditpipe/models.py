@@ -110,22 +110,46 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
 
-class DiTBlock(nn.Module):
-    """A transformer block with adaLN-Zero conditioning."""
+class CrossAttention(nn.Module):
+    """Image tokens attend to the caption's token embeddings; padding is masked out."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(n, t, h, d // h).transpose(1, 2)  # (N, H, T, D/H)
+        k, v = self.kv(ctx).reshape(n, ctx.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)  # (N, H, L, D/H) each
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+class DiTBlock(nn.Module):
+    """A transformer block with adaLN-Zero conditioning, and optionally cross-attention to caption tokens."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, cross_attention: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
+        self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6) if cross_attention else None
+        self.cross_attn = CrossAttention(hidden_size, num_heads) if cross_attention else None
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         hidden = int(hidden_size * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(approximate="tanh"),
                                  nn.Linear(hidden, hidden_size))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), ctx, mask)  # (N, T, D)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, D)
 
 
@@ -148,7 +172,10 @@ class DiT(ModelMixin, ConfigMixin):
     """Diffusion Transformer (Peebles & Xie 2023) with one shared conditioning embedder.
 
     Conditioning ``c`` = timestep embedding + pooled caption embedding (when ``text_dim``) + class
-    embedding (when ``num_classes``), injected into every block through adaLN-Zero.
+    embedding (when ``num_classes``), injected into every block through adaLN-Zero. With
+    ``cross_attention`` every block also attends to the caption's token embeddings (as in the DiT
+    paper's cross-attention variant): a pooled sentence vector mostly loses word order, which says
+    which colour goes with which shape and which object is left of the other.
     """
 
     _supports_gradient_checkpointing = True
@@ -156,17 +183,23 @@ class DiT(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, sample_size: int = 32, patch_size: int = 2, in_channels: int = 4, out_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 num_classes: int = 0, text_dim: int = 0):
+                 num_classes: int = 0, text_dim: int = 0, cross_attention: bool = False):
         super().__init__()
+        if cross_attention and not text_dim:
+            raise ConfigError("DiT: cross_attention needs caption embeddings (text_dim > 0)")
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes else None
         self.text_embedder = PooledTextEmbedder(text_dim, hidden_size) if text_dim else None
+        # caption tokens to the model width, as PixArt's caption projection
+        self.caption_embedder = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"),
+                                              nn.Linear(hidden_size, hidden_size)) if cross_attention else None
         grid = sample_size // patch_size
         pos = torch.from_numpy(sincos_pos_embed(hidden_size, grid)).float().unsqueeze(0)
         pos = pos.to(self.x_embedder.weight.device)  # meta when counting parameters without memory
         self.pos_embed = nn.Parameter(pos, requires_grad=False)  # fixed, as in DiT
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, cross_attention)
+                                     for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
         self.gradient_checkpointing = False
         self.initialize_weights()
@@ -188,6 +221,8 @@ class DiT(ModelMixin, ConfigMixin):
         for block in self.blocks:  # adaLN-Zero: every block starts as the identity
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.cross_attn is not None:
+                nn.init.zeros_(block.cross_attn.proj.weight)
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -199,18 +234,26 @@ class DiT(ModelMixin, ConfigMixin):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, pooled: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                class_labels: torch.Tensor | None = None, encoder_hidden_states: torch.Tensor | None = None,
+                encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(timestep)  # (N, D)
         if self.text_embedder is not None:
             c = c + self.text_embedder(pooled)
         if self.y_embedder is not None:
             c = c + self.y_embedder(class_labels)
+        ctx = mask = None
+        if self.caption_embedder is not None:
+            mask = encoder_attention_mask.bool()
+            mask = mask | ~mask.any(dim=1, keepdim=True)  # an all-padding caption attends to every token, not none
+            used = int(mask.nonzero()[:, 1].max()) + 1  # padding after the longest caption: no key to attend to
+            ctx = self.caption_embedder(encoder_hidden_states[:, :used].to(x.dtype))  # (N, L, D)
+            mask = mask[:, :used]
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, use_reentrant=False)
+                x = checkpoint(block, x, c, ctx, mask, use_reentrant=False)
             else:
-                x = block(x, c)  # (N, T, D)
+                x = block(x, c, ctx, mask)  # (N, T, D)
         return self.unpatchify(self.final_layer(x, c))  # (N, C_out, H, W)
 
 
@@ -233,6 +276,8 @@ class Spec:
 
 
 def _call_dit(m, x, t, emb, mask, pooled, y):
+    if m.config.get("cross_attention"):
+        return m(x, t, pooled=pooled, class_labels=y, encoder_hidden_states=emb, encoder_attention_mask=mask)
     return m(x, t, pooled=pooled, class_labels=y)
 
 
@@ -282,14 +327,15 @@ def arch_of(inner: ModelMixin) -> str:
     raise ValueError(f"{type(inner).__name__} is not a ditpipe denoiser (known: {', '.join(INNER)})")
 
 
-def build_dit(preset: Preset, patch: int, spec: Spec) -> Denoiser:
+def build_dit(preset: Preset, patch: int, spec: Spec, tokens: bool = False) -> Denoiser:
     inner = DiT(sample_size=spec.latent_size, patch_size=patch, in_channels=spec.latent_channels,
                 out_channels=spec.out_channels, hidden_size=preset.hidden_size, depth=preset.depth,
-                num_heads=preset.num_heads, num_classes=spec.num_classes, text_dim=spec.text_dim)
+                num_heads=preset.num_heads, num_classes=spec.num_classes, text_dim=spec.text_dim,
+                cross_attention=tokens)
     return Denoiser(inner, "dit")
 
 
-def build_cross(preset: Preset, patch: int, spec: Spec) -> Denoiser:
+def build_cross(preset: Preset, patch: int, spec: Spec, tokens: bool = True) -> Denoiser:
     inner = PixArtTransformer2DModel(
         num_attention_heads=preset.num_heads, attention_head_dim=preset.hidden_size // preset.num_heads,
         in_channels=spec.latent_channels, out_channels=spec.out_channels, num_layers=preset.depth,
@@ -300,7 +346,7 @@ def build_cross(preset: Preset, patch: int, spec: Spec) -> Denoiser:
     return Denoiser(inner, "cross")
 
 
-def build_mmdit(preset: Preset, patch: int, spec: Spec) -> Denoiser:
+def build_mmdit(preset: Preset, patch: int, spec: Spec, tokens: bool = True) -> Denoiser:
     inner = SD3Transformer2DModel(
         sample_size=spec.latent_size, patch_size=patch, in_channels=spec.latent_channels, num_layers=preset.depth,
         attention_head_dim=preset.hidden_size // preset.num_heads, num_attention_heads=preset.num_heads,
@@ -311,7 +357,7 @@ def build_mmdit(preset: Preset, patch: int, spec: Spec) -> Denoiser:
     return Denoiser(inner, "mmdit")
 
 
-def build_unet(preset: Preset, patch: int, spec: Spec) -> Denoiser:
+def build_unet(preset: Preset, patch: int, spec: Spec, tokens: bool = True) -> Denoiser:
     chans = preset.unet_channels
     n = len(chans)
     inner = UNet2DConditionModel(
@@ -325,7 +371,7 @@ def build_unet(preset: Preset, patch: int, spec: Spec) -> Denoiser:
     return Denoiser(inner, "unet")
 
 
-ARCHS: dict[str, Callable[[Preset, int, Spec], Denoiser]] = {
+ARCHS: dict[str, Callable[[Preset, int, Spec, bool], Denoiser]] = {
     "dit": build_dit,
     "cross": build_cross,
     "mmdit": build_mmdit,
@@ -333,14 +379,18 @@ ARCHS: dict[str, Callable[[Preset, int, Spec], Denoiser]] = {
 }
 
 
-def build_model(arch: str, size: str, spec: Spec) -> Denoiser:
-    """The denoiser named by ``model.arch`` and ``model.size`` for latents/captions of ``spec``."""
+def build_model(arch: str, size: str, spec: Spec, tokens: bool = False) -> Denoiser:
+    """The denoiser named by ``model.arch`` and ``model.size`` for latents/captions of ``spec``.
+
+    ``tokens`` (``model.tokens``) gives ``dit`` cross-attention to the caption's tokens; the other archs always
+    read the tokens.
+    """
     if arch not in ARCHS:
         raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}; got {arch!r}")
     preset, patch = parse_size(size)
     if arch != "unet" and spec.latent_size % patch:
         raise ConfigError(f"model.size {size}: patch {patch} does not divide the {spec.latent_size}px latent")
-    return ARCHS[arch](preset, patch, spec)
+    return ARCHS[arch](preset, patch, spec, tokens)
 
 
 def count_parameters(model: nn.Module) -> int:

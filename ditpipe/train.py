@@ -514,7 +514,7 @@ def _run(acc: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, track: Trac
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)  # same init on every rank
     spec = model_spec(index)
-    model = build_model(model_cfg.arch, model_cfg.size, spec)  # a bad size or patch fails here, not later
+    model = build_model(model_cfg.arch, model_cfg.size, spec, model_cfg.tokens)  # a bad size or patch fails here, not later
     n_params = count_parameters(model)
     flops_per_image = 3 * forward_flops(model, spec, index["text"]["max_length"])  # forward + backward
     if cfg.gradient_checkpointing:
@@ -526,7 +526,7 @@ def _run(acc: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, track: Trac
         shard(model)  # before the optimizer and the EMA, so that both hold shards too
 
         def rebuild() -> Denoiser:  # an unsharded model for the main process's evaluations and final/
-            return build_model(model_cfg.arch, model_cfg.size, spec).to(acc.device)
+            return build_model(model_cfg.arch, model_cfg.size, spec, model_cfg.tokens).to(acc.device)
     ema = build_ema(model, cfg)
     opt, sched = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)

@@ -62,6 +62,56 @@ def test_caption_changes_the_output(arch):
     assert not torch.allclose(a, b)
 
 
+def _perturbed_dit_with_tokens() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model("dit", "T/2", SPEC, tokens=True)
+    for p in model.parameters():  # zero-initialised gates and projections: perturb so every path matters
+        p.data += 0.05 * torch.randn_like(p)
+    return model.eval()
+
+
+def test_dit_with_tokens_reads_word_order_not_only_the_pooled_vector():
+    model = _perturbed_dit_with_tokens()
+    x, t, pooled = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), torch.randn(1, 32)
+    emb, mask = torch.randn(1, 6, 32), torch.ones(1, 6, dtype=torch.long)
+    swapped = emb[:, [0, 4, 2, 3, 1, 5]]  # same words, same pooled vector, another order
+    with torch.no_grad():
+        assert not torch.allclose(model(x, t, emb, mask, pooled), model(x, t, swapped, mask, pooled))
+        plain = build_model("dit", "T/2", SPEC).eval()  # without tokens only the pooled vector counts
+        torch.testing.assert_close(plain(x, t, emb, mask, pooled), plain(x, t, swapped, mask, pooled))
+
+
+def test_dit_with_tokens_ignores_padding_and_batch_company():
+    model = _perturbed_dit_with_tokens()
+    x, t, pooled = torch.randn(2, 4, 8, 8), torch.tensor([300.0, 800.0]), torch.randn(2, 32)
+    emb, mask = torch.randn(2, 8, 32), torch.ones(2, 8, dtype=torch.long)
+    mask[0, 3:] = 0
+    with torch.no_grad():
+        both = model(x, t, emb, mask, pooled)
+        alone = model(x[:1], t[:1], emb[:1, :3], mask[:1, :3], pooled[:1])  # no padding at all
+        junk = emb.clone()
+        junk[0, 3:] = 100.0  # what padding positions hold must not matter
+        torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x, t, junk, mask, pooled), both)
+        empty = torch.zeros(1, 8, dtype=torch.long)  # a caption with no token at all still gives numbers
+        assert torch.isfinite(model(x[:1], t[:1], emb[:1], empty, pooled[:1])).all()
+
+
+def test_dit_with_tokens_loads_back_as_trained(tmp_path):
+    from ditpipe.models import RunInfo, load_denoiser
+
+    model = _perturbed_dit_with_tokens()
+    model.inner.save_pretrained(tmp_path)
+    RunInfo(arch="dit", size="T/2", objective="rectified_flow", step=1, spec=SPEC, latents={}, text={},
+            parameters=count_parameters(model), shards="", shards_index_sha256="").write(tmp_path)
+    again, _ = load_denoiser(tmp_path)
+    x, t, pooled = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.randn(2, 32)
+    emb, mask = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, emb, mask, pooled), again(x, t, emb, mask, pooled))
+    assert again.inner.config.cross_attention
+
+
 def test_dit_save_pretrained_roundtrip_and_gradient_checkpointing(tmp_path):
     model = build_model("dit", "T/2", SPEC)
     model.inner.save_pretrained(tmp_path)
