@@ -132,10 +132,17 @@ def read_json(path: str | Path) -> Any:
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:
-    with open(path) as f:
+    return (row for _, row in read_jsonl_offsets(path))
+
+
+def read_jsonl_offsets(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """``(byte offset, row)`` of every row of a JSON-lines file: a row can be read again later by seeking to it."""
+    offset = 0
+    with open(path, "rb") as f:
         for line in f:
             if line.strip():
-                yield json.loads(line)
+                yield offset, json.loads(line)
+            offset += len(line)
 
 
 def remove_stale_temps(folder: str | Path) -> int:
@@ -153,18 +160,30 @@ def remove_stale_temps(folder: str | Path) -> int:
     return n
 
 
+@contextlib.contextmanager
+def scratch_db(folder: str | Path, name: str) -> Iterator[sqlite3.Connection]:
+    """A SQLite file under ``folder`` for per-sample state a stage must not hold in memory (SQLite's page cache is
+    bounded); deleted on exit. Its temp name lets :func:`remove_stale_temps` remove it if the process is killed."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    path = Path(folder) / f"{TMP_PREFIX}{name}-{os.getpid()}.sqlite"
+    path.unlink(missing_ok=True)
+    db = sqlite3.connect(path)
+    try:
+        db.execute("PRAGMA journal_mode=OFF")  # scratch: nothing to recover after a crash
+        yield db
+    finally:
+        db.close()
+        path.unlink(missing_ok=True)
+
+
 class DiskSet:
     """A set of strings in a SQLite scratch file, in insertion order: what a stage must remember per sample
-    (distinct captions, the cache entries to keep) without holding it in memory (SQLite's page cache is
-    bounded). Use it as a context manager: the file (a temp name, removed by :func:`remove_stale_temps`
-    if the process is killed) is deleted on exit."""
+    (distinct captions, the cache entries to keep) without holding it in memory. Use it as a context
+    manager: its :func:`scratch_db` file is deleted on exit."""
 
     def __init__(self, folder: str | Path, name: str):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        self.path = Path(folder) / f"{TMP_PREFIX}{name}-{os.getpid()}.sqlite"
-        self.path.unlink(missing_ok=True)
-        self.db = sqlite3.connect(self.path)
-        self.db.execute("PRAGMA journal_mode=OFF")  # scratch: nothing to recover after a crash
+        self._scope = contextlib.ExitStack()
+        self.db = self._scope.enter_context(scratch_db(folder, name))
         self.db.execute("CREATE TABLE items (item TEXT PRIMARY KEY)")
         self.size = 0
 
@@ -187,8 +206,7 @@ class DiskSet:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.db.close()
-        self.path.unlink(missing_ok=True)
+        self._scope.close()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -10,7 +10,6 @@ Output folder (``paths.prepared``), written under a temp name and swapped in who
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import sqlite3
@@ -27,7 +26,7 @@ from ditpipe.config import DataConfig
 from ditpipe.data.images import NormalizeSpec, Rejected, normalize, png_bytes, to_rgb
 from ditpipe.data.readers import RawSample, open_source
 from ditpipe.errors import DitpipeError
-from ditpipe.io import TMP_PREFIX, pixel_hash, sha256_bytes, staged_dir, write_json
+from ditpipe.io import pixel_hash, scratch_db, sha256_bytes, staged_dir, write_json
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -106,12 +105,11 @@ class Tally:
 
 
 class Seen:
-    """Keys and pixel hashes accepted so far, in SQLite: in memory by default, in a scratch file when given one,
-    so that a stage over millions of samples holds none of them (SQLite's page cache is bounded)."""
+    """Keys and pixel hashes accepted so far, in SQLite: in memory by default, or in the given connection (a
+    :func:`~ditpipe.io.scratch_db`), so that a stage over millions of samples holds none of them."""
 
-    def __init__(self, path: str | Path = ":memory:"):
-        self.db = sqlite3.connect(path)
-        self.db.execute("PRAGMA journal_mode=OFF")  # scratch: rebuilt by every run
+    def __init__(self, db: sqlite3.Connection | None = None):
+        self.db = db if db is not None else sqlite3.connect(":memory:")
         self.db.execute("CREATE TABLE seen (key TEXT PRIMARY KEY, pixels TEXT UNIQUE)")
 
     def first_with(self, column: str, value: str) -> str | None:
@@ -122,9 +120,6 @@ class Seen:
 
     def add(self, key: str, pixels: str) -> None:
         self.db.execute("INSERT INTO seen VALUES (?, ?)", (key, pixels))
-
-    def close(self) -> None:
-        self.db.close()
 
 
 def prepare_samples(raws: Iterable[RawSample], cfg: DataConfig, tally: Tally,
@@ -175,16 +170,14 @@ def run(cfg: DataConfig, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
-        seen = Seen(tmp / f"{TMP_PREFIX}seen.sqlite")  # on disk, removed below: memory stays flat
-        with open(tmp / "samples.jsonl", "w") as rows, contextlib.closing(seen):
-            bar = tqdm(prepare_samples(raws, cfg, tally, seen), desc="prepare", unit="img", disable=None)
+        with open(tmp / "samples.jsonl", "w") as rows, scratch_db(tmp, "seen") as db:  # on disk: memory stays flat
+            bar = tqdm(prepare_samples(raws, cfg, tally, Seen(db)), desc="prepare", unit="img", disable=None)
             for acc, split in bar:
                 rel = f"images/{acc.key}.png"
                 (tmp / rel).write_bytes(png_bytes(acc.image))
                 row = {"key": acc.key, "file": rel, "caption": acc.caption, "split": split,
                        "sha256": acc.sha256, "meta": acc.meta}
                 rows.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
-        (tmp / f"{TMP_PREFIX}seen.sqlite").unlink()
         report = tally.report()
         write_json(tmp / "report.json", report)
         if not tally.accepted:

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import random
-import sqlite3
 import tarfile
 import tempfile
 import time
@@ -32,7 +31,17 @@ from tqdm import tqdm
 from ditpipe.cache import TensorCache, latent_key, text_key
 from ditpipe.config import ShardsConfig
 from ditpipe.errors import DitpipeError
-from ditpipe.io import TMP_PREFIX, is_url, read_json, read_jsonl, sha256_file, staged_dir, write_json
+from ditpipe.io import (
+    TMP_PREFIX,
+    is_url,
+    read_json,
+    read_jsonl,
+    read_jsonl_offsets,
+    scratch_db,
+    sha256_file,
+    staged_dir,
+    write_json,
+)
 
 SPLITS = ("train", "val")
 
@@ -118,32 +127,19 @@ class AtomicShardWriter:
         return self.shards
 
 
-def ordered_offsets(rows_path: Path, split: str, seed: int, work: Path) -> array:
-    """File offsets of ``split``'s rows of samples.jsonl in :func:`write_order`'s order, with 8 bytes per sample
-    in memory: the keys are sorted by SQLite in a file under ``work`` (UTF-8 byte order is code point order,
-    as Python sorts), and shuffling the offsets draws the same permutation as shuffling the rows."""
-    db = sqlite3.connect(work / f"{TMP_PREFIX}order-{split}.sqlite")
-    try:
-        db.execute("PRAGMA journal_mode=OFF")  # scratch: no journal file beside it, deleted below
-        db.execute("CREATE TABLE rows (key TEXT, offset INTEGER)")
-        db.executemany("INSERT INTO rows VALUES (?, ?)", (
-            (row["key"], offset) for offset, row in _rows_with_offsets(rows_path) if row["split"] == split))
-        offsets = array("q", (offset for (offset,) in db.execute("SELECT offset FROM rows ORDER BY key")))
-    finally:
-        db.close()
-        (work / f"{TMP_PREFIX}order-{split}.sqlite").unlink(missing_ok=True)
-    if split == "train":
-        random.Random(seed).shuffle(offsets)
-    return offsets
-
-
-def _rows_with_offsets(path: Path) -> Iterator[tuple[int, dict]]:
-    offset = 0
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                yield offset, json.loads(line)
-            offset += len(line)
+def ordered_offsets(rows_path: Path, seed: int, work: Path) -> dict[str, array]:
+    """File offsets of each split's rows of samples.jsonl in :func:`write_order`'s order, from one pass over the
+    file, with 8 bytes per sample in memory: the keys are sorted by SQLite in a file under ``work`` (UTF-8 byte
+    order is code point order, as Python sorts), and shuffling the offsets draws the same permutation as
+    shuffling the rows."""
+    with scratch_db(work, "order") as db:
+        db.execute("CREATE TABLE rows (split TEXT, key TEXT, offset INTEGER)")
+        db.executemany("INSERT INTO rows VALUES (?, ?, ?)",
+                       ((row["split"], row["key"], offset) for offset, row in read_jsonl_offsets(rows_path)))
+        order = {split: array("q", (offset for (offset,) in db.execute(
+            "SELECT offset FROM rows WHERE split = ? ORDER BY key", (split,)))) for split in SPLITS}
+    random.Random(seed).shuffle(order["train"])
+    return order
 
 
 def read_row(f, offset: int) -> dict:
@@ -220,10 +216,10 @@ def _run(cfg: ShardsConfig, prepared: str | Path, latents_dir: str | Path, text_
     splits = {}
     bar = tqdm(total=total, desc="shards", unit="sample", disable=None)
     with open(rows_path, "rb") as rows_file, staged_dir(out_dir) as tmp, bar:
+        order = ordered_offsets(rows_path, cfg.seed, tmp)  # memory: 8 bytes a sample
         for split in SPLITS:
             writer = AtomicShardWriter(tmp, split, cfg.max_samples, cfg.max_bytes)
-            offsets = ordered_offsets(rows_path, split, cfg.seed, tmp)  # memory: 8 bytes a sample
-            rows = (read_row(rows_file, offset) for offset in offsets)
+            rows = (read_row(rows_file, offset) for offset in order[split])
             for _ in pack(rows, writer, load_latents, load_text):
                 bar.update()
             shards = writer.close()

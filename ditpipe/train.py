@@ -186,29 +186,21 @@ def shard(model: Denoiser) -> None:
     fully_shard(model)
 
 
-_FULL = None  # StateDictOptions for whole (gathered) state dicts, built on first use
-
-
-def _full_options():
-    global _FULL
-    if _FULL is None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return _FULL
-
-
 def full_state(acc: Accelerator, model, ema: EMAModel, opt, fsdp: bool) -> tuple[dict, dict, dict]:
     """(model, optimizer, EMA) state dicts as whole tensors, the same files with or without FSDP. Under FSDP
     every process must call it (the shards are gathered); the main process gets the whole state."""
     if not fsdp:
         return plain_model(acc, model).state_dict(), opt.state_dict(), ema.state_dict()
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
     ema_state = ema.state_dict()
     ema_state["shadow_params"] = [p.full_tensor().cpu() for p in ema.shadow_params]
-    return (get_model_state_dict(model, options=_full_options()),
-            get_optimizer_state_dict(model, opt, options=_full_options()), ema_state)
+    return get_model_state_dict(model, options=whole), get_optimizer_state_dict(model, opt, options=whole), ema_state
 
 
 def load_full_state(model, ema: EMAModel, opt, weights: dict, state: dict, fsdp: bool) -> None:
@@ -514,7 +506,7 @@ def _run(acc: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, track: Trac
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)  # same init on every rank
     spec = model_spec(index)
-    model = build_model(model_cfg.arch, model_cfg.size, spec, model_cfg.tokens)  # a bad size or patch fails here, not later
+    model = build_model(model_cfg.arch, model_cfg.size, spec, model_cfg.tokens)  # a bad size fails here, not later
     n_params = count_parameters(model)
     flops_per_image = 3 * forward_flops(model, spec, index["text"]["max_length"])  # forward + backward
     if cfg.gradient_checkpointing:

@@ -76,9 +76,10 @@ def test_the_on_disk_order_is_write_order(tmp_path_factory, keys, seed):
     work = tmp_path_factory.mktemp("order")
     rows = [{"key": k, "split": ("val", "train")[len(k) % 2]} for k in keys]
     (work / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    order = ordered_offsets(work / "samples.jsonl", seed, work)
     with open(work / "samples.jsonl", "rb") as f:
         for split in ("train", "val"):
-            got = [read_row(f, o)["key"] for o in ordered_offsets(work / "samples.jsonl", split, seed, work)]
+            got = [read_row(f, o)["key"] for o in order[split]]
             assert got == [r["key"] for r in write_order(rows, split, seed)]
     assert [p.name for p in work.iterdir()] == ["samples.jsonl"]  # the scratch database is gone
 
