@@ -72,7 +72,7 @@ def test_the_samples_load_as_a_hugging_face_imagefolder(evaluated, monkeypatch, 
 def test_the_samples_feed_back_into_prepare(evaluated, tmp_path):
     root = evaluated[0]
     out = run_cli("prepare", "--set", f"data.source={root / 'evaluate/samples'}", "--set", "data.resolution=16",
-                  "--set", f"paths.prepared={tmp_path / 'prepared'}")
+                  "--set", f"paths.prepared={tmp_path / 'prepared'}", cwd=tmp_path)  # its MLflow run: not the repo's
     report = json.loads((tmp_path / "prepared/report.json").read_text())
     assert report["rejected"] == 0 and report["accepted"] == evaluated[3]["n"], out.stdout
 
