@@ -24,8 +24,8 @@ from ditpipe.train import peak_flops
 def bench(size: str, args, device: torch.device) -> None:
     spec = Spec(latent_channels=4, latent_size=args.resolution // 8, text_dim=0, num_classes=1000, learn_sigma=True)
     with torch.device("meta"):
-        flops = 3 * forward_flops(build_model("dit", size, spec), spec)
-    model = build_model("dit", size, spec).to(device)
+        flops = 3 * forward_flops(build_model("dit", size, spec, mlp_conv=0), spec)  # the paper's DiT
+    model = build_model("dit", size, spec, mlp_conv=0).to(device)
     if args.compile:
         model = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")

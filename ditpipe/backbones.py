@@ -90,6 +90,10 @@ def load_inception(name: str = DEFAULT_INCEPTION, device: str | torch.device = "
             net = torch.jit.load(str(path), map_location=torch.device(device))
     except (RuntimeError, ValueError, OSError) as e:
         raise DitpipeError(f"cannot load the Inception TorchScript file {path} ({e}): {hint}") from e
+    if torch.device(device).type == "cpu":
+        # Weights folded into the graph and convolutions fused with their batch norms: the same features
+        # (checked by a test), about 1.4x the images per second on a CPU.
+        net = torch.jit.optimize_for_inference(torch.jit.freeze(net.eval()))
     return InceptionFeatures(net, path, sha256_file(path))
 
 

@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--class-conditional", action="store_true", help="the DiT paper's ImageNet setting")
     m.add_argument("--arch", action="append", choices=["dit", "cross", "mmdit", "unet"], help="only these archs")
     m.add_argument("--patch", type=int, action="append", choices=[1, 2, 4, 8], help="patch sizes (default 2)")
+    m.add_argument("--no-tokens", action="store_true",
+                   help="dit reads only the pooled caption (model.tokens=false), not its tokens too")
+    m.add_argument("--mlp-conv", type=int, default=None,
+                   help="dit's model.mlp_conv (default: as params.yaml; 0 with --class-conditional, as the paper)")
     g = sub.add_parser("generate", help="draw images of a prompt from a finished run",
                        description="Draw images of PROMPT from a finished run (its EMA weights, VAE and text "
                        "encoder). --out x.png writes a grid with the prompt under each image; --out a folder writes "
@@ -113,7 +117,7 @@ def _print_params(args: argparse.Namespace) -> None:
 
 
 def _print_models(args: argparse.Namespace) -> None:
-    from ditpipe.models import Spec, preset_table
+    from ditpipe.models import MODEL, Spec, preset_table
 
     if args.resolution % args.downsample:
         raise DitpipeError(f"--resolution {args.resolution} is not a multiple of --downsample {args.downsample}")
@@ -126,7 +130,8 @@ def _print_models(args: argparse.Namespace) -> None:
     what = "class-conditional, 1000 classes" if args.class_conditional else f"text {args.text_dim}-d"
     print(f"{args.resolution}px images -> {args.latent_channels}x{size}x{size} latents, {what}")
     print(f"{'arch':6} {'size':6} {'tokens':>6} {'params':>10} {'GFLOPs':>9}")
-    for r in preset_table(spec, archs, tuple(args.patch or (2,)), args.max_length):
+    mlp_conv = args.mlp_conv if args.mlp_conv is not None else 0 if args.class_conditional else MODEL.mlp_conv
+    for r in preset_table(spec, archs, tuple(args.patch or (2,)), args.max_length, not args.no_tokens, mlp_conv):
         tokens = r["tokens"] if r["tokens"] is not None else "-"
         print(f"{r['arch']:6} {r['size']:6} {tokens:>6} {r['params_m']:9.2f}M {r['gflops']:9.2f}")
 

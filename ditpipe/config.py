@@ -171,11 +171,16 @@ class ModelConfig:
     tokens: bool = opt(True, "dit only: every block also cross-attends to the caption's token embeddings, not only the "
                        "pooled vector, which mostly loses word order (tuning seed, XXS/2 at 1,000 steps: colour 67 -> "
                        "75%, relation 24 -> 34%, at 1.3x the time); cross, mmdit and unet always read the tokens")
+    mlp_conv: int = opt(3, "dit only: kernel of a depthwise convolution inside every block's MLP, 0 = none (a "
+                        "locality prior; tuning seed, XXS/2 + tokens at 1,500 steps, 448 samples: shape 17 -> 25%, "
+                        "val loss 0.480 -> 0.446, at 1.15x the time per step; 5 x 5 did no better)")
 
     def __post_init__(self) -> None:
         from ditpipe.presets import parse_size
 
         parse_size(self.size)
+        if self.mlp_conv < 0 or self.mlp_conv % 2 == 0 and self.mlp_conv:
+            raise ConfigError(f"model.mlp_conv must be 0 (none) or an odd kernel size such as 3, got {self.mlp_conv}")
 
 
 @dataclass(frozen=True)
@@ -183,7 +188,8 @@ class TrainConfig:
     """The ``train`` stage: objective, optimizer, EMA, checkpoints and logging."""
 
     objective: Literal["ddpm", "rectified_flow"] = opt("rectified_flow", "ddpm (epsilon) or rectified_flow (velocity)")
-    steps: int = opt(1500, "optimizer steps in total (raise it and re-run to train on)")
+    steps: int = opt(1800, "optimizer steps in total (raise it and re-run to train on; 1,800: what the default "
+                     "model fits in the 10-minute default run)")
     batch_size: int = opt(32, "samples per step on each process (32: at equal time as good as 64 on a CPU, with "
                           "twice the updates)")
     lr: float = opt(2e-3, "AdamW peak learning rate (2e-3 for the 4M CPU default: 5e-4 learned about half as fast; "
@@ -214,7 +220,7 @@ class TrainConfig:
                             "instead of a full copy per process (DDP); for models one GPU cannot hold")
     peak_tflops: float = opt(0.0, "device peak TFLOP/s for MFU; 0 looks up known GPUs")
     record_keys: bool = opt(False, "write the sample keys of every step to keys-rank<N>.jsonl (audits data order)")
-    eval_every: int = opt(500, "steps between in-run evaluations: val loss, a sample grid, judge accuracy (0 = off)")
+    eval_every: int = opt(600, "steps between in-run evaluations: val loss, a sample grid, judge accuracy (0 = off)")
     eval_samples: int = opt(16, "val prompts sampled at each in-run evaluation (EMA weights)")
     eval_steps: int = opt(20, "sampler steps of the in-run sample grid")
     eval_guidance_scale: float = opt(4.0, "classifier-free guidance scale of the in-run sample grid")

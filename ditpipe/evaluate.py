@@ -221,7 +221,8 @@ def plot_png(path: Path, loss: list[dict], evals: list[dict], sweep: list[dict])
 def flat_accuracy(acc: dict | None, prefix: str = "acc_") -> dict:
     if acc is None:
         return {}
-    return {f"{prefix}{k}": acc[k] for k in judge.ATTRIBUTES + ("all",) if acc.get(k) is not None}
+    return {f"{prefix}{k}": acc[k] for k in judge.ATTRIBUTES + ("all", "shape_one", "shape_two")
+            if acc.get(k) is not None}
 
 
 SWEEP_GRID = 8  # prompts per guidance scale in sweep.png

@@ -515,7 +515,8 @@ def score(images, prompts) -> dict:
 
     Returns {"n": N, "color": frac, "shape": frac, "relation": frac over the two-object prompts (None if there are
     none), "count": frac, "n_relation": number of two-object prompts, "all": fraction with every applicable attribute
-    right}. Fractions are in [0, 1]; with no pairs at all every fraction is None.
+    right, "shape_one" / "shape_two": shape over the one-object / two-object prompts (None if there are none)}.
+    Fractions are in [0, 1]; with no pairs at all every fraction is None.
     """
     results = [judge_image(img, p) for img, p in zip(images, prompts, strict=True)]
     n = len(results)
@@ -532,4 +533,7 @@ def score(images, prompts) -> dict:
         "count": frac([r["count"] for r in results]),
         "n_relation": len(rel),
         "all": frac([all(v for v in r.values() if v is not None) for r in results]),
+        # both shapes of a pair must be right and bound to the right colours: the hard case, apart
+        "shape_one": frac([r["shape"] for r in results if r["relation"] is None]),
+        "shape_two": frac([r["shape"] for r in results if r["relation"] is not None]),
     }

@@ -25,7 +25,7 @@ from ditpipe.config import TrainConfig
 from ditpipe.grids import caption_grid
 from ditpipe.io import state_dict_hash
 from ditpipe.loader import make_loader
-from ditpipe.models import Denoiser
+from ditpipe.models import Denoiser, trim_padding
 from ditpipe.sampling import Conditioning, build_scheduler, sample
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,9 @@ class Monitor:
             sl = slice(i, i + 64)
             x0 = ((self.val["mean"][sl].float() - self.shift) * self.scale).to(device)
             noise, t = self.noise[sl].to(device), self.t[sl].to(device)
-            pred = model(self.objective.noisy(x0, noise, t), t, self.val["emb"][sl].float().to(device),
-                         self.val["mask"][sl].long().to(device), self.val["pooled"][sl].float().to(device))
+            emb, mask = trim_padding(self.val["emb"][sl].float(), self.val["mask"][sl].long())
+            pred = model(self.objective.noisy(x0, noise, t), t, emb.to(device), mask.to(device),
+                         self.val["pooled"][sl].float().to(device))
             total += F.mse_loss(pred.float(), self.objective.target(x0, noise, t).float(), reduction="sum").item()
         return total / self.noise[:n].numel()
 

@@ -24,7 +24,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm import tqdm
 
 from ditpipe.errors import ConfigError
-from ditpipe.models import Denoiser
+from ditpipe.models import Denoiser, trim_padding
 from ditpipe.objectives import build_objective
 
 
@@ -137,8 +137,11 @@ def sample_batch(model: Denoiser, scheduler: SchedulerMixin, cond: Conditioning,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Denoiser-space latents (N, C, h, w) for one batch of prompts, on the model's device."""
     device = next(model.parameters()).device
-    cond = cond.to(device)
-    uncond = Conditioning.repeat(empty, len(cond)).to(device)
+    uncond = Conditioning.repeat(empty, len(cond))
+    both = trim_padding(torch.cat([cond.emb, uncond.emb]), torch.cat([cond.mask, uncond.mask]))
+    n = len(cond)
+    cond = Conditioning(both[0][:n], both[1][:n], cond.pooled).to(device)
+    uncond = Conditioning(both[0][n:], both[1][n:], uncond.pooled).to(device)
     scheduler.set_timesteps(steps, device=device)
     x = initial_noise(seeds, latent_shape).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
     gens = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]  # step noise of stochastic samplers

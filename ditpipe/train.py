@@ -46,7 +46,7 @@ from ditpipe.io import (
     write_json,
 )
 from ditpipe.loader import empty_caption, load_index, make_loader
-from ditpipe.models import Denoiser, RunInfo, Spec, build_model, count_parameters, forward_flops
+from ditpipe.models import Denoiser, RunInfo, Spec, build_model, count_parameters, forward_flops, trim_padding
 from ditpipe.monitor import Monitor
 from ditpipe.objectives import build_objective
 
@@ -84,6 +84,7 @@ def make_batch(raw: dict, empty: dict[str, torch.Tensor], cfg: TrainConfig, gen:
     emb = torch.where(drop.view(-1, 1, 1), empty["emb"].float(), emb)
     mask = torch.where(drop.view(-1, 1), empty["mask"].long(), mask)
     pooled = torch.where(drop.view(-1, 1), empty["pooled"].float(), pooled)
+    emb, mask = trim_padding(emb, mask)
     return Batch(x0.to(device), emb.to(device), mask.to(device), pooled.to(device))
 
 
@@ -506,7 +507,8 @@ def _run(acc: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, track: Trac
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)  # same init on every rank
     spec = model_spec(index)
-    model = build_model(model_cfg.arch, model_cfg.size, spec, model_cfg.tokens)  # a bad size fails here, not later
+    options = {"tokens": model_cfg.tokens, "mlp_conv": model_cfg.mlp_conv}
+    model = build_model(model_cfg.arch, model_cfg.size, spec, **options)  # a bad size fails here, not later
     n_params = count_parameters(model)
     flops_per_image = 3 * forward_flops(model, spec, index["text"]["max_length"])  # forward + backward
     if cfg.gradient_checkpointing:
@@ -518,7 +520,7 @@ def _run(acc: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, track: Trac
         shard(model)  # before the optimizer and the EMA, so that both hold shards too
 
         def rebuild() -> Denoiser:  # an unsharded model for the main process's evaluations and final/
-            return build_model(model_cfg.arch, model_cfg.size, spec, model_cfg.tokens).to(acc.device)
+            return build_model(model_cfg.arch, model_cfg.size, spec, **options).to(acc.device)
     ema = build_ema(model, cfg)
     opt, sched = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + acc.process_index)

@@ -37,6 +37,7 @@ def test_overrides_parse_yaml_values(tmp_path):
         ("data.val_fraction=1.5", "data.val_fraction must be in [0.0, 1.0)"),
         ("data.background=notacolour", "data.background must be a PIL colour"),
         ("text.device=tpu", "text.device must be auto, cpu, cuda"),
+        ("model.mlp_conv=4", "model.mlp_conv must be 0 (none) or an odd kernel size such as 3, got 4"),
         ("data=3", "data must be a mapping"),
         ("novalue", "--set expects key=value"),
     ],

@@ -161,7 +161,8 @@ def test_score_aggregates():
     right = shapes.render(scene(("triangle", "orange", "large", 0.5, 0.5)), 32)
     blank = Image.new("RGB", (32, 32), shapes.BACKGROUNDS["gray"])
     out = judge.score([right, blank], ["a large orange triangle", "a large orange triangle"])
-    assert out == {"n": 2, "color": 0.5, "shape": 0.5, "relation": None, "count": 0.5, "n_relation": 0, "all": 0.5}
+    assert out == {"n": 2, "color": 0.5, "shape": 0.5, "relation": None, "count": 0.5, "n_relation": 0, "all": 0.5,
+                   "shape_one": 0.5, "shape_two": None}
 
     pair = scene(("circle", "red", "small", 0.25, 0.5), ("square", "blue", "large", 0.7, 0.5),
                  relation="to the left of")
@@ -171,6 +172,9 @@ def test_score_aggregates():
     assert out["n"] == 3 and out["n_relation"] == 2
     assert out["relation"] == 0.5 and out["color"] == 1.0 and out["shape"] == 1.0
     assert out["count"] == pytest.approx(2 / 3) and out["all"] == pytest.approx(1 / 3)
+    assert out["shape_two"] == 1.0 and out["shape_one"] == 1.0
+    wrong = judge.score([img, img], ["a small red square to the left of a large blue square", "a small red square"])
+    assert wrong["shape_two"] == 0.0 and wrong["shape_one"] == 0.0 and wrong["color"] == 1.0
 
 
 def test_score_matches_judge_image(real32):

@@ -61,6 +61,14 @@ def test_default_inception_loads_offline(inception, shape_features):
     assert (f >= 0).all() and f.abs().sum() > 0  # pool3 follows a ReLU: nonnegative, and not all zero
 
 
+@pytest.mark.slow
+def test_the_optimised_cpu_inception_gives_the_plain_files_features(inception, shape_features):
+    """load_inception freezes and fuses the net on a CPU for speed; the features must be the file's own."""
+    plain = InceptionFeatures(torch.jit.load(inception.path).eval(), inception.path, inception.identity)
+    images = [img for _, img, _, _ in generate(0, 8, 32)]
+    torch.testing.assert_close(extract_features(plain, images), shape_features["clean"][:8], rtol=1e-4, atol=1e-4)
+
+
 def test_missing_or_broken_inception_is_a_clear_error(tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(DitpipeError, match=f"no Inception TorchScript file at {re.escape(str(missing))}.*fid-helper"):

@@ -9,7 +9,7 @@ PAPER = {"S/2": (33.0, 6.06), "B/2": (130.5, 23.01), "L/2": (458.1, 80.71), "XL/
 
 def test_dit_presets_match_the_paper_within_1_percent():
     spec = Spec(latent_channels=4, latent_size=32, text_dim=0, num_classes=1000, learn_sigma=True)
-    rows = {r["size"]: r for r in preset_table(spec, ("dit",))}
+    rows = {r["size"]: r for r in preset_table(spec, ("dit",), mlp_conv=0)}
     for size, (params_m, gflops) in PAPER.items():
         assert rows[size]["params_m"] == pytest.approx(params_m, rel=0.01), size
         assert rows[size]["gflops"] == pytest.approx(gflops, rel=0.01), size
@@ -77,7 +77,7 @@ def test_dit_with_tokens_reads_word_order_not_only_the_pooled_vector():
     swapped = emb[:, [0, 4, 2, 3, 1, 5]]  # same words, same pooled vector, another order
     with torch.no_grad():
         assert not torch.allclose(model(x, t, emb, mask, pooled), model(x, t, swapped, mask, pooled))
-        plain = build_model("dit", "T/2", SPEC).eval()  # without tokens only the pooled vector counts
+        plain = build_model("dit", "T/2", SPEC, tokens=False).eval()  # without tokens only the pooled vector counts
         torch.testing.assert_close(plain(x, t, emb, mask, pooled), plain(x, t, swapped, mask, pooled))
 
 
@@ -97,6 +97,55 @@ def test_dit_with_tokens_ignores_padding_and_batch_company():
         assert torch.isfinite(model(x[:1], t[:1], emb[:1], empty, pooled[:1])).all()
 
 
+def test_trimming_caption_padding_changes_nothing_but_the_width():
+    from ditpipe.models import trim_padding
+
+    model = _perturbed_dit_with_tokens()
+    x, t, pooled = torch.randn(3, 4, 8, 8), torch.tensor([300.0, 800.0, 50.0]), torch.randn(3, 32)
+    emb, mask = torch.randn(3, 8, 32), torch.zeros(3, 8, dtype=torch.long)
+    mask[0, :3], mask[1, :5] = 1, 1  # the third caption is all padding
+    short, short_mask = trim_padding(emb, mask)
+    assert short.shape == (3, 5, 32) and short_mask.shape == (3, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, short, short_mask, pooled), model(x, t, emb, mask, pooled),
+                                   atol=1e-5, rtol=1e-5)
+    assert trim_padding(emb, torch.zeros_like(mask))[0].shape == (3, 1, 32)  # nothing used: one column stays
+    none = torch.zeros(1, 8, dtype=torch.long)  # no token at all: the caption speaks through its pooled vector only
+    plain = build_model("dit", "T/2", SPEC, tokens=False).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:1], t[:1], emb[:1], none, pooled[:1]),
+                                   plain(x[:1], t[:1], emb[:1], none, pooled[:1]))
+
+
+def test_dit_cross_attention_needs_captions_and_mlp_conv_an_odd_kernel():
+    with pytest.raises(ConfigError, match="cross_attention needs caption embeddings"):
+        DiT(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, cross_attention=True)
+    with pytest.raises(ConfigError, match="mlp_conv must be 0 or an odd kernel size, got 2"):
+        DiT(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, mlp_conv=2)
+
+
+def test_the_default_dit_reads_tokens_and_neighbours_and_the_bare_one_is_the_papers():
+    from ditpipe.config import ModelConfig
+
+    default = build_model("dit", "T/2", SPEC)  # build_model's defaults are params.yaml's
+    assert default.inner.config.cross_attention == ModelConfig().tokens
+    assert default.inner.config.mlp_conv == ModelConfig().mlp_conv == 3
+    assert all(b.mlp_conv.kernel_size == (3, 3) and b.mlp_conv.groups == b.mlp_conv.in_channels
+               for b in default.inner.blocks)
+    bare = build_model("dit", "T/2", SPEC, tokens=False, mlp_conv=0)
+    assert all(b.mlp_conv is None and b.cross_attn is None for b in bare.inner.blocks)
+    # the MLP of a block with the convolution mixes a 3x3 neighbourhood of tokens; the paper's mixes none
+    for model, reach in ((default, {(i, j) for i in range(3) for j in range(3)}), (bare, {(1, 1)})):
+        block = model.inner.blocks[0]
+        x = torch.zeros(1, 16, block.mlp[0].in_features)  # a 4x4 token grid
+        poked = x.clone()
+        poked[0, 5] = 1.0  # token (1, 1)
+        with torch.no_grad():
+            moved = (block.feed_forward(poked) - block.feed_forward(x)).abs().sum(-1)[0].reshape(4, 4)
+        assert {(i, j) for i in range(4) for j in range(4) if moved[i, j] > 1e-6} == reach
+
+
 def test_dit_with_tokens_loads_back_as_trained(tmp_path):
     from ditpipe.models import RunInfo, load_denoiser
 
@@ -113,7 +162,7 @@ def test_dit_with_tokens_loads_back_as_trained(tmp_path):
 
 
 def test_dit_save_pretrained_roundtrip_and_gradient_checkpointing(tmp_path):
-    model = build_model("dit", "T/2", SPEC)
+    model = build_model("dit", "T/2", SPEC, tokens=False)
     model.inner.save_pretrained(tmp_path)
     again = DiT.from_pretrained(tmp_path)
     x, t, pooled = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.randn(2, 32)
@@ -137,3 +186,9 @@ def test_models_command_prints_the_paper_table(cli, tmp_path):
     assert "XL/2" in out and "675.13M" in out and "118.6" in out
     out = cli("models", "--resolution", "32", "--downsample", "4", "--arch", "cross", cwd=tmp_path).stdout
     assert "cross  XS/2" in out and "mmdit" not in out
+    with_tokens = cli("models", "--resolution", "32", "--downsample", "2", "--arch", "dit", cwd=tmp_path).stdout
+    pooled = cli("models", "--resolution", "32", "--downsample", "2", "--arch", "dit", "--no-tokens",
+                 cwd=tmp_path).stdout
+    row = [line.split() for line in with_tokens.splitlines() if line.startswith("dit    XXS/2")][0]
+    row_pooled = [line.split() for line in pooled.splitlines() if line.startswith("dit    XXS/2")][0]
+    assert float(row[3].rstrip("M")) > float(row_pooled[3].rstrip("M"))  # the default reads tokens: more weights

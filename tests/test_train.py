@@ -65,7 +65,8 @@ def assert_loads_the_ema_model(run_dir, arch):
     loaded, info = load_denoiser(run_dir)
     assert loaded.arch == arch and info.arch == arch and not loaded.training
     state = torch.load(checkpoints(run_dir)[-1] / "state.pt", weights_only=True)
-    rebuilt = build_model(arch, info.size, info.spec, info.config["model"]["tokens"])
+    model_cfg = info.config["model"]
+    rebuilt = build_model(arch, info.size, info.spec, model_cfg["tokens"], model_cfg["mlp_conv"])
     for p, shadow in zip(rebuilt.parameters(), state["ema"]["shadow_params"]):
         p.data.copy_(shadow)
     for (name, a), b in zip(loaded.state_dict().items(), rebuilt.state_dict().values()):
@@ -139,7 +140,7 @@ def test_a_failing_model_build_leaves_the_run_folder_alone(tiny_shards, tmp_path
     train(tiny_shards, tmp_path / "run", steps=2)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
 
-    def refuse(arch, size, spec, tokens):
+    def refuse(arch, size, spec, **options):
         raise DitpipeError(f"{size} does not fit {spec.latent_size}px latents")
 
     monkeypatch.setattr(ditpipe.train, "build_model", refuse)
