@@ -106,10 +106,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, H, T, D/H)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)  # (N, H, T, D/H)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
 
@@ -132,6 +132,25 @@ class CrossAttention(nn.Module):
         k, v = self.kv(ctx).reshape(n, ctx.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)  # (N, H, L, D/H) each
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
         return self.proj(x.transpose(1, 2).reshape(n, t, d)) * has[:, None, None].to(x.dtype)
+
+
+class CaptionBlock(nn.Module):
+    """A pre-norm transformer block over the caption's tokens (padding masked out), no timestep: Lumina-Image 2.0's
+    context refiner. Words re-read by layers trained with the denoiser can bind what a frozen encoder leaves apart
+    (which colour the relation puts on which side), where a per-token projection sees one word at a time."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6)
+        hidden = int(hidden_size * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, hidden_size))
+
+    def forward(self, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx = ctx + self.attn(self.norm1(ctx), mask[:, None, None, :] | ~mask.any(1)[:, None, None, None])
+        return ctx + self.mlp(self.norm2(ctx))  # (N, L, D)
 
 
 class DiTBlock(nn.Module):
@@ -202,12 +221,15 @@ class DiT(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, sample_size: int = 32, patch_size: int = 2, in_channels: int = 4, out_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 num_classes: int = 0, text_dim: int = 0, cross_attention: bool = False, mlp_conv: int = 0):
+                 num_classes: int = 0, text_dim: int = 0, cross_attention: bool = False, mlp_conv: int = 0,
+                 caption_layers: int = 0):
         super().__init__()
         if cross_attention and not text_dim:
             raise ConfigError("DiT: cross_attention needs caption embeddings (text_dim > 0)")
         if mlp_conv < 0 or mlp_conv and mlp_conv % 2 == 0:
             raise ConfigError(f"DiT: mlp_conv must be 0 or an odd kernel size, got {mlp_conv}")
+        if caption_layers and not cross_attention:
+            raise ConfigError(f"DiT: caption_layers ({caption_layers}) refine caption tokens: needs cross_attention")
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes else None
@@ -215,6 +237,8 @@ class DiT(ModelMixin, ConfigMixin):
         # caption tokens to the model width, as PixArt's caption projection
         self.caption_embedder = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"),
                                               nn.Linear(hidden_size, hidden_size)) if cross_attention else None
+        self.caption_blocks = nn.ModuleList([CaptionBlock(hidden_size, num_heads, mlp_ratio)
+                                             for _ in range(caption_layers)])
         grid = sample_size // patch_size
         pos = torch.from_numpy(sincos_pos_embed(hidden_size, grid)).float().unsqueeze(0)
         pos = pos.to(self.x_embedder.weight.device)  # meta when counting parameters without memory
@@ -244,6 +268,9 @@ class DiT(ModelMixin, ConfigMixin):
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
             if block.cross_attn is not None:
                 nn.init.zeros_(block.cross_attn.proj.weight)
+        for block in self.caption_blocks:  # each refiner layer starts as the identity
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.mlp[2].weight)
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -267,6 +294,8 @@ class DiT(ModelMixin, ConfigMixin):
         if self.caption_embedder is not None:
             mask = encoder_attention_mask.bool()
             ctx = self.caption_embedder(encoder_hidden_states.to(x.dtype))  # (N, L, D)
+            for block in self.caption_blocks:
+                ctx = block(ctx, mask)  # (N, L, D)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, c, ctx, mask, use_reentrant=False)
@@ -357,12 +386,12 @@ def arch_of(inner: ModelMixin) -> str:
 
 
 def build_dit(preset: Preset, patch: int, spec: Spec, tokens: bool = MODEL.tokens,
-              mlp_conv: int = MODEL.mlp_conv) -> Denoiser:
+              mlp_conv: int = MODEL.mlp_conv, caption_layers: int = MODEL.caption_layers) -> Denoiser:
     inner = DiT(sample_size=spec.latent_size, patch_size=patch, in_channels=spec.latent_channels,
                 out_channels=spec.out_channels, hidden_size=preset.hidden_size, depth=preset.depth,
                 num_heads=preset.num_heads, num_classes=spec.num_classes, text_dim=spec.text_dim,
                 cross_attention=tokens and spec.text_dim > 0,  # a class-conditional DiT has no caption
-                mlp_conv=mlp_conv)
+                mlp_conv=mlp_conv, caption_layers=caption_layers if tokens and spec.text_dim > 0 else 0)
     return Denoiser(inner, "dit")
 
 
@@ -412,12 +441,12 @@ ARCHS: dict[str, Callable[..., Denoiser]] = {
 
 
 def build_model(arch: str, size: str, spec: Spec, tokens: bool = MODEL.tokens,
-                mlp_conv: int = MODEL.mlp_conv) -> Denoiser:
+                mlp_conv: int = MODEL.mlp_conv, caption_layers: int = MODEL.caption_layers) -> Denoiser:
     """The denoiser named by ``model.arch`` and ``model.size`` for latents/captions of ``spec``.
 
-    ``tokens`` and ``mlp_conv`` (``model.tokens``, ``model.mlp_conv``, with the same defaults) are ``dit``'s
-    own options: cross-attention to the caption's tokens (the other archs always read them) and a depthwise
-    convolution in every block's MLP.
+    ``tokens``, ``mlp_conv`` and ``caption_layers`` (``model.*``, with the same defaults) are ``dit``'s own
+    options: cross-attention to the caption's tokens (the other archs always read them), a depthwise
+    convolution in every block's MLP, and transformer layers over the caption's tokens (with ``tokens`` only).
     """
     if arch not in ARCHS:
         raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}; got {arch!r}")
@@ -425,7 +454,7 @@ def build_model(arch: str, size: str, spec: Spec, tokens: bool = MODEL.tokens,
     if arch != "unet" and spec.latent_size % patch:
         raise ConfigError(f"model.size {size}: patch {patch} does not divide the {spec.latent_size}px latent")
     if arch == "dit":
-        return build_dit(preset, patch, spec, tokens, mlp_conv)
+        return build_dit(preset, patch, spec, tokens, mlp_conv, caption_layers)
     return ARCHS[arch](preset, patch, spec)
 
 

@@ -507,7 +507,7 @@ def _run(acc: Accelerator, model_cfg: ModelConfig, cfg: TrainConfig, track: Trac
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.seed)  # same init on every rank
     spec = model_spec(index)
-    options = {"tokens": model_cfg.tokens, "mlp_conv": model_cfg.mlp_conv}
+    options = {"tokens": model_cfg.tokens, "mlp_conv": model_cfg.mlp_conv, "caption_layers": model_cfg.caption_layers}
     model = build_model(model_cfg.arch, model_cfg.size, spec, **options)  # a bad size fails here, not later
     n_params = count_parameters(model)
     flops_per_image = 3 * forward_flops(model, spec, index["text"]["max_length"])  # forward + backward

@@ -38,6 +38,7 @@ def test_overrides_parse_yaml_values(tmp_path):
         ("data.background=notacolour", "data.background must be a PIL colour"),
         ("text.device=tpu", "text.device must be auto, cpu, cuda"),
         ("model.mlp_conv=4", "model.mlp_conv must be 0 (none) or an odd kernel size such as 3, got 4"),
+        ("model.caption_layers=-1", "model.caption_layers must be >= 0, got -1"),
         ("data=3", "data must be a mapping"),
         ("novalue", "--set expects key=value"),
     ],

@@ -118,6 +118,49 @@ def test_trimming_caption_padding_changes_nothing_but_the_width():
                                    plain(x[:1], t[:1], emb[:1], none, pooled[:1]))
 
 
+def test_caption_layers_read_the_words_together_and_ignore_padding(tmp_path):
+    from ditpipe.models import RunInfo, load_denoiser, trim_padding
+
+    torch.manual_seed(0)
+    model = build_model("dit", "T/2", SPEC, caption_layers=2)
+    assert len(model.inner.caption_blocks) == 2 and model.inner.config.caption_layers == 2
+    x, t, pooled = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 20.0]), torch.randn(2, 32)
+    emb, mask = torch.randn(2, 8, 32), torch.zeros(2, 8, dtype=torch.long)
+    mask[0, :3], mask[1, :6] = 1, 1
+    with torch.no_grad():  # the refiner starts as the identity: the same model without it, weight for weight
+        plain = build_model("dit", "T/2", SPEC, caption_layers=0)
+        plain.load_state_dict(model.state_dict(), strict=False)
+        torch.testing.assert_close(model(x, t, emb, mask, pooled), plain(x, t, emb, mask, pooled))
+    for p in model.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    model.eval()
+    junk = emb.clone()
+    junk[mask == 0] = 100.0  # padding columns hold anything: the words' self-attention never reads them
+    short, short_mask = trim_padding(emb, mask)
+    with torch.no_grad():
+        out = model(x, t, emb, mask, pooled)
+        torch.testing.assert_close(model(x, t, junk, mask, pooled), out)
+        torch.testing.assert_close(model(x, t, short, short_mask, pooled), out, atol=1e-5, rtol=1e-5)
+        # each refined word depends on the others: change word 0 and word 1 moves
+        ctx = model.inner.caption_embedder(emb)
+        moved = emb.clone()
+        moved[:, 0] += 1.0
+        ctx_moved = model.inner.caption_embedder(moved)
+        for block in model.inner.caption_blocks:
+            ctx, ctx_moved = block(ctx, mask.bool()), block(ctx_moved, mask.bool())
+        assert (ctx[:, 1] - ctx_moved[:, 1]).abs().max() > 1e-3
+    model.inner.save_pretrained(tmp_path)
+    RunInfo(arch="dit", size="T/2", objective="rectified_flow", step=1, spec=SPEC, latents={}, text={},
+            parameters=count_parameters(model), shards="", shards_index_sha256="").write(tmp_path)
+    again, _ = load_denoiser(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, t, emb, mask, pooled), out)
+    with pytest.raises(ConfigError, match="caption_layers \\(2\\) refine caption tokens: needs cross_attention"):
+        DiT(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, text_dim=32,
+            caption_layers=2)
+    assert build_model("dit", "T/2", SPEC, tokens=False, caption_layers=2).inner.config.caption_layers == 0
+
+
 def test_dit_cross_attention_needs_captions_and_mlp_conv_an_odd_kernel():
     with pytest.raises(ConfigError, match="cross_attention needs caption embeddings"):
         DiT(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, cross_attention=True)
@@ -131,10 +174,12 @@ def test_the_default_dit_reads_tokens_and_neighbours_and_the_bare_one_is_the_pap
     default = build_model("dit", "T/2", SPEC)  # build_model's defaults are params.yaml's
     assert default.inner.config.cross_attention == ModelConfig().tokens
     assert default.inner.config.mlp_conv == ModelConfig().mlp_conv == 3
+    assert len(default.inner.caption_blocks) == ModelConfig().caption_layers == 2
     assert all(b.mlp_conv.kernel_size == (3, 3) and b.mlp_conv.groups == b.mlp_conv.in_channels
                for b in default.inner.blocks)
     bare = build_model("dit", "T/2", SPEC, tokens=False, mlp_conv=0)
     assert all(b.mlp_conv is None and b.cross_attn is None for b in bare.inner.blocks)
+    assert not bare.inner.caption_blocks
     # the MLP of a block with the convolution mixes a 3x3 neighbourhood of tokens; the paper's mixes none
     for model, reach in ((default, {(i, j) for i in range(3) for j in range(3)}), (bare, {(1, 1)})):
         block = model.inner.blocks[0]
