@@ -113,6 +113,12 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
 
+def key_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(N, L) bool caption mask -> (N, 1, 1, L) SDPA mask; a caption with no token at all opens every column (no NaN
+    from all -inf rows): what it then reads is padding, so its users drop it (CrossAttention multiplies by has)."""
+    return (mask | ~mask.any(dim=1, keepdim=True))[:, None, None, :]
+
+
 class CrossAttention(nn.Module):
     """Image tokens attend to the caption's token embeddings; padding is masked out."""
 
@@ -126,11 +132,10 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         h = self.num_heads
-        has = mask.any(dim=1)  # (N,): a caption with no token at all adds nothing (and no NaN from -inf rows)
-        mask = mask | ~has[:, None]
+        has = mask.any(dim=1)  # (N,): a caption with no token at all adds nothing
         q = self.q(x).reshape(n, t, h, d // h).transpose(1, 2)  # (N, H, T, D/H)
         k, v = self.kv(ctx).reshape(n, ctx.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)  # (N, H, L, D/H) each
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask(mask))
         return self.proj(x.transpose(1, 2).reshape(n, t, d)) * has[:, None, None].to(x.dtype)
 
 
@@ -149,7 +154,7 @@ class CaptionBlock(nn.Module):
                                  nn.Linear(hidden, hidden_size))
 
     def forward(self, ctx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ctx = ctx + self.attn(self.norm1(ctx), mask[:, None, None, :] | ~mask.any(1)[:, None, None, None])
+        ctx = ctx + self.attn(self.norm1(ctx), key_mask(mask))
         return ctx + self.mlp(self.norm2(ctx))  # (N, L, D)
 
 
@@ -387,11 +392,11 @@ def arch_of(inner: ModelMixin) -> str:
 
 def build_dit(preset: Preset, patch: int, spec: Spec, tokens: bool = MODEL.tokens,
               mlp_conv: int = MODEL.mlp_conv, caption_layers: int = MODEL.caption_layers) -> Denoiser:
+    reads_tokens = tokens and spec.text_dim > 0  # a class-conditional DiT has no caption
     inner = DiT(sample_size=spec.latent_size, patch_size=patch, in_channels=spec.latent_channels,
                 out_channels=spec.out_channels, hidden_size=preset.hidden_size, depth=preset.depth,
                 num_heads=preset.num_heads, num_classes=spec.num_classes, text_dim=spec.text_dim,
-                cross_attention=tokens and spec.text_dim > 0,  # a class-conditional DiT has no caption
-                mlp_conv=mlp_conv, caption_layers=caption_layers if tokens and spec.text_dim > 0 else 0)
+                cross_attention=reads_tokens, mlp_conv=mlp_conv, caption_layers=caption_layers if reads_tokens else 0)
     return Denoiser(inner, "dit")
 
 
