@@ -17,6 +17,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import mmap
 import operator
 import os
@@ -59,7 +60,7 @@ def load_npy(data: bytes) -> np.ndarray:
     size_bytes = 2 if major == 1 else 4
     hlen = int.from_bytes(data[8 : 8 + size_bytes], "little")
     dtype, shape, fortran, offset = _npy_header(bytes(data[: 8 + size_bytes + hlen]))
-    arr = np.frombuffer(data, dtype=dtype, offset=offset, count=int(np.prod(shape)))
+    arr = np.frombuffer(data, dtype=dtype, offset=offset, count=math.prod(shape))
     return arr.reshape(shape, order="F" if fortran else "C")
 
 
@@ -133,14 +134,52 @@ def verified_in_turn(urls: list[str], expect: dict[str, dict]) -> Iterator[str]:
             yield url
 
 
+_END = bytes(512)
+
+
+def plain_members(view: memoryview) -> list[tuple[str, int, int]] | None:
+    """``(name, data offset, size)`` of each member of a tar made only of plain ustar regular files (what
+    ``shards`` writes), read straight from its 512-byte headers: ``tarfile`` spends ~0.4 ms a sample
+    decoding them, a third of an epoch at 1 MB samples. None at anything else (PAX or long-name headers,
+    links, a bad checksum, a member cut short, no end block): ``tarfile`` then reads the shard, and names
+    what is wrong with it."""
+    members, pos, size = [], 0, len(view)
+    while pos + 512 <= size:
+        header = bytes(view[pos : pos + 512])
+        if header == _END:
+            return members
+        try:
+            checksum = int(header[148:156].split(b"\0", 1)[0].strip(), 8)
+            length = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            name = header[:100].split(b"\0", 1)[0].decode()
+            prefix = header[345:500].split(b"\0", 1)[0].decode()
+        except ValueError:  # also a non-UTF-8 name (UnicodeDecodeError)
+            return None
+        if (header[257:263] != b"ustar\0" or header[156:157] not in (b"0", b"\0") or header[124] & 0x80
+                or checksum != sum(header[:148]) + 256 + sum(header[156:])):
+            return None
+        start = pos + 512
+        if start + length > size:
+            return None
+        members.append((f"{prefix}/{name}" if prefix else name, start, length))
+        pos = start + -(-length // 512) * 512
+    return None
+
+
 def mapped_members(path: str) -> Iterator[dict]:
     """``{fname, data}`` of each regular file in a local tar, ``data`` a zero-copy view of a memory map: the
-    headers are read with ``tarfile``, the arrays are never copied until they are batched."""
+    arrays are never copied until they are batched. Headers are parsed by :func:`plain_members`, or by
+    ``tarfile`` for any other tar."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise DitpipeError(f"shard {path} is empty: {REBUILD}")
         view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))  # unmapped once no array uses it
+        plain = plain_members(view)
+        if plain is not None:
+            for name, start, length in plain:
+                yield {"fname": name, "data": view[start : start + length]}
+            return
         with tarfile.open(fileobj=f, mode="r:") as tar:
             for info in tar:
                 if not info.isreg():

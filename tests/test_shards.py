@@ -277,3 +277,32 @@ def test_a_shard_cut_inside_a_member_is_named_even_without_its_index_entry(built
     shards, name = _damaged_copy(built, tmp_path, lambda p, data: p.write_bytes(data[: len(data) // 2 + 700]))
     with pytest.raises(DitpipeError, match=f"shard .*{name} is (cut short inside|damaged)"):
         list(read_tar(str(shards / name)))
+
+
+def test_plain_headers_are_read_as_tarfile_reads_them_and_anything_else_goes_to_tarfile(built, tmp_path):
+    from ditpipe.loader import mapped_members, plain_members, shard_entries
+
+    url = next(iter(shard_entries(str(built / "shards"), "train")))
+    data = open(url, "rb").read()
+    with tarfile.open(url) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar if m.isreg()]
+    assert plain_members(memoryview(data)) == expected  # what `shards` writes takes the fast path
+
+    long_name = tmp_path / "long.tar"  # a name past ustar's 100 bytes needs a PAX header
+    with tarfile.open(long_name, "w") as tar:
+        for name, payload in ((f"{'k' * 120}.mean.npy", b"abc"), ("short.txt", b"hello")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert plain_members(memoryview(long_name.read_bytes())) is None
+    assert [(m["fname"], bytes(m["data"])) for m in mapped_members(str(long_name))] == [
+        (f"{'k' * 120}.mean.npy", b"abc"), ("short.txt", b"hello")]
+
+    bad = bytearray(data)
+    bad[10] ^= 0xFF  # inside the first header's name: its checksum no longer adds up
+    assert plain_members(memoryview(bytes(bad))) is None
+    assert plain_members(memoryview(data[: len(data) // 2])) is None  # cut: no end block
+    bad_path = tmp_path / "bad.tar"
+    bad_path.write_bytes(bytes(bad))
+    with pytest.raises(DitpipeError, match="bad.tar is damaged"):
+        list(read_tar(str(bad_path)))
