@@ -9,13 +9,14 @@ stage, and named in an error (never used) by a reader.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Container
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from ditpipe.errors import DitpipeError
 from ditpipe.io import TMP_PREFIX, cache_key, remove_stale_temps, sha256_bytes
@@ -46,6 +47,19 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its metadata in sorted order. safetensors writes metadata from a hash
+    map, in an order that changes from one process to the next; sorted, an entry written by a Dask worker
+    is byte for byte the one this process writes. The header keeps its length, so no offset moves."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    assert len(text) <= n, "a re-serialised safetensors header grew"
+    return data[:8] + text.ljust(n) + data[8 + n :]
+
+
 class TensorCache:
     """``<root>/<key[:2]>/<key>.safetensors``; values are dicts of CPU tensors."""
 
@@ -63,7 +77,9 @@ class TensorCache:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f"{TMP_PREFIX}{os.getpid()}-{final.name}")
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(tmp), metadata={**(metadata or {}), DIGEST: tensors_digest(tensors)})
+        data = save(tensors, metadata={**(metadata or {}), DIGEST: tensors_digest(tensors)})
+        with open(tmp, "wb") as f:
+            f.write(canonical_safetensors(data))
         os.replace(tmp, final)
 
     def get(self, key: str) -> dict[str, torch.Tensor]:

@@ -102,7 +102,12 @@ def encode_part(cfg: LatentsConfig, prepared: str, vae_dir: str, cache_dir: str,
     with tqdm(total=sum(1 for _ in mine()), desc="latents", unit="img", disable=None if progress else True) as bar:
         while batch := list(itertools.islice(todo, cfg.batch_size)):
             images = PreparedImages(prepared, None, rows=[row for row, _ in batch])
-            enc = encode_batch(vae, torch.stack([images[j] for j in range(len(batch))]), cfg.flip)
+            x = torch.stack([images[j] for j in range(len(batch))])
+            # always a full batch: an entry's bytes then do not depend on which samples share its batch or on
+            # how many threads encode it (a CPU convolution over 5 images rounds differently on 1 and 2
+            # threads), so a Dask part writes what this process writes
+            x = torch.cat([x, x.new_zeros((cfg.batch_size - len(x), *x.shape[1:]))])
+            enc = encode_batch(vae, x, cfg.flip)
             for j, (row, key) in enumerate(batch):
                 cache.put(key, {k: v[j].to(store) for k, v in enc.items()}, {**meta, "sample": row["key"]})
             done += len(batch)

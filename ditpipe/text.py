@@ -72,7 +72,7 @@ def encode_part(cfg: TextConfig, prepared: str, cache_dir: str, part: int, parts
     done, captions = 0, todo()
     with tqdm(desc="text", unit="caption", disable=None if progress else True) as bar:
         while batch := list(itertools.islice(captions, cfg.batch_size)):
-            enc = encoder.encode(batch)
+            enc = encoder.encode(batch + [""] * (cfg.batch_size - len(batch)))  # one shape: see latents
             for j, c in enumerate(batch):
                 cache.put(caption_key(c, encoder.identity, cfg), {k: v[j] for k, v in enc.items()},
                           {"encoder": encoder.identity})

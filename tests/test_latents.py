@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -35,6 +36,22 @@ def test_encode_batch_shapes_and_flip():
     assert out["mean"].shape == (3, 4, 8, 8)
     direct = vae.encode(x.flip(-1)).latent_dist.mean
     torch.testing.assert_close(out["mean_flip"], direct)
+
+
+def test_a_cache_entry_is_the_same_bytes_from_any_process(tmp_path):
+    """safetensors orders metadata by a per-process hash seed; the cache sorts it, so a Dask worker's entry
+    equals this process's byte for byte (and still reads back, digest checked)."""
+    code = ("import sys, torch; from ditpipe.cache import TensorCache; TensorCache(sys.argv[1]).put('ab12', "
+            "{'mean': torch.arange(6.).view(2, 3), 'logvar': torch.ones(2)}, {'vae': 'v', 'resolution': '16', "
+            "'sample': 'k', 'z': '1'})")
+    files = []
+    for i in range(3):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / str(i))], check=True, cwd=REPO)
+        files.append((tmp_path / str(i) / "ab" / "ab12.safetensors").read_bytes())
+    assert files[0] == files[1] == files[2]
+    header = json.loads(files[0][8 : 8 + int.from_bytes(files[0][:8], "little")])
+    assert list(header["__metadata__"]) == ["ditpipe.sha256", "resolution", "sample", "vae", "z"]
+    assert torch.equal(TensorCache(tmp_path / "0").get("ab12")["mean"], torch.arange(6.).view(2, 3))
 
 
 def test_rerun_encodes_nothing_and_new_vae_reencodes_all(upstream):
