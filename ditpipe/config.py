@@ -303,7 +303,7 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Where the per-sample data stages (``latents``, ``text``) run their parts. Not a DVC dependency: the
+    """Where the per-sample data stages (``prepare``, ``latents``, ``text``) run their parts. Not a DVC dependency: the
     outputs are byte-for-byte the same on any engine."""
 
     engine: Literal["local", "dask"] = opt("local", "local = in this process; dask = parts as Dask tasks")

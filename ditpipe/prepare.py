@@ -10,8 +10,12 @@ Output folder (``paths.prepared``), written under a temp name and swapped in who
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import json
+import os
 import re
+import shutil
 import sqlite3
 import time
 from collections import Counter
@@ -22,11 +26,12 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from ditpipe.config import DataConfig
+from ditpipe.cluster import part_of, run_parts
+from ditpipe.config import ClusterConfig, DataConfig
 from ditpipe.data.images import NormalizeSpec, Rejected, normalize, png_bytes, to_rgb
 from ditpipe.data.readers import RawSample, open_source
 from ditpipe.errors import DitpipeError
-from ditpipe.io import pixel_hash, scratch_db, sha256_bytes, staged_dir, write_json
+from ditpipe.io import atomic_open, is_url, pixel_hash, read_jsonl, scratch_db, sha256_bytes, staged_dir, write_json
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -34,10 +39,21 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 @dataclass
 class Accepted:
     key: str
-    image: Image.Image
+    image: Image.Image | None  # None once written out by a part
     caption: str
     sha256: str
     meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Checked:
+    """A raw sample at place ``seq`` of the source, decoded and normalised (``accepted``) or not (``reason``);
+    duplicates are not known yet: that takes every sample before it."""
+
+    seq: int
+    raw_key: str
+    accepted: Accepted | None = None
+    reason: str = ""
 
 
 def safe_key(raw: str) -> str:
@@ -122,32 +138,85 @@ class Seen:
         self.db.execute("INSERT INTO seen VALUES (?, ?)", (key, pixels))
 
 
-def prepare_samples(raws: Iterable[RawSample], cfg: DataConfig, tally: Tally,
-                    seen: Seen | None = None) -> Iterator[tuple[Accepted, str]]:
-    """The core: raw samples in, ``(accepted, split)`` out; rejections go to ``tally``.
-
-    Exact duplicates (same key, or same normalized pixels) keep the first and reject the rest.
-    """
+def check_samples(raws: Iterable[RawSample], cfg: DataConfig, part: int = 0, parts: int = 1) -> Iterator[Checked]:
+    """Decode, verify and normalise the raw samples of part ``part`` of ``parts`` (by a hash of the key), up to
+    ``data.limit`` samples of the source. The costly half of ``prepare``: a part runs it on its share."""
     spec = NormalizeSpec(cfg.resolution, cfg.min_size, cfg.max_pixels, cfg.background)
-    seen = seen or Seen()
-    for raw in raws:
-        if cfg.limit and tally.seen >= cfg.limit:
+    for seq, raw in enumerate(raws):
+        if cfg.limit and seq >= cfg.limit:
             break
-        tally.seen += 1
+        if parts > 1 and part_of(raw.key, parts) != part:
+            continue
         try:
-            acc = process(raw, spec)
-            if seen.first_with("key", acc.key) is not None:
-                raise Rejected(f"duplicate key: {acc.key}")
-            if (first := seen.first_with("pixels", acc.sha256)) is not None:
-                raise Rejected(f"duplicate image: same pixels as {first}")
+            yield Checked(seq, raw.key, process(raw, spec))
         except Rejected as rej:
-            tally.reject(raw.key, rej.reason)
+            yield Checked(seq, raw.key, reason=rej.reason)
+
+
+def deduplicated(checked: Iterable[Checked], cfg: DataConfig, tally: Tally,
+                 seen: Seen | None = None) -> Iterator[tuple[Checked, str]]:
+    """Checked samples in source order in, ``(checked, split)`` of the accepted out; every rejection goes to
+    ``tally``. Exact duplicates (same key, or same normalized pixels) keep the first and reject the rest."""
+    seen = seen or Seen()
+    for item in checked:
+        tally.seen += 1
+        acc = item.accepted
+        if acc is None:
+            tally.reject(item.raw_key, item.reason)
+            continue
+        if seen.first_with("key", acc.key) is not None:
+            tally.reject(item.raw_key, f"duplicate key: {acc.key}")
+            continue
+        if (first := seen.first_with("pixels", acc.sha256)) is not None:
+            tally.reject(item.raw_key, f"duplicate image: same pixels as {first}")
             continue
         seen.add(acc.key, acc.sha256)
         split = split_of(acc.key, cfg.val_fraction)
         tally.accepted += 1
         tally.splits[split] += 1
-        yield acc, split
+        yield item, split
+
+
+def prepare_samples(raws: Iterable[RawSample], cfg: DataConfig, tally: Tally,
+                    seen: Seen | None = None) -> Iterator[tuple[Accepted, str]]:
+    """The core: raw samples in, ``(accepted, split)`` out; rejections go to ``tally``."""
+    for item, split in deduplicated(check_samples(raws, cfg), cfg, tally, seen):
+        assert item.accepted is not None
+        yield item.accepted, split
+
+
+def part_file(staging: Path, part: int) -> Path:
+    return staging / "parts" / f"part-{part:05d}.jsonl"
+
+
+def prepare_part(cfg: DataConfig, staging: str, part: int, parts: int, progress: bool = False) -> int:
+    """Check the samples of one part: each accepted image to ``parts/<seq>.png``, one line per sample (in
+    source order) to the part's file, written whole or not at all; return how many samples it holds. Paths
+    in, files out: a Dask task gets and gives nothing bigger. A part run again rewrites the same files."""
+    work = Path(staging) / "parts"
+    _, raws = open_source(cfg)
+    n = 0
+    with atomic_open(part_file(Path(staging), part), "w") as out:
+        for item in tqdm(check_samples(raws, cfg, part, parts), desc="prepare", unit="img",
+                         disable=None if progress else True):
+            line: dict = {"seq": item.seq, "raw": item.raw_key}
+            if (acc := item.accepted) is not None:
+                assert acc.image is not None
+                (work / f"{item.seq:012d}.png").write_bytes(png_bytes(acc.image))
+                line.update(key=acc.key, caption=acc.caption, sha256=acc.sha256, meta=acc.meta)
+            else:
+                line["reason"] = item.reason
+            out.write(json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def merged(staging: Path, parts: int) -> Iterator[Checked]:
+    """Every part's samples back in source order (each part file is in order: a streamed k-way merge)."""
+    lines = heapq.merge(*(read_jsonl(part_file(staging, i)) for i in range(parts)), key=lambda r: r["seq"])
+    for r in lines:
+        acc = Accepted(r["key"], None, r["caption"], r["sha256"], r["meta"]) if "key" in r else None
+        yield Checked(r["seq"], r["raw"], acc, r.get("reason", ""))
 
 
 def no_samples(cfg: DataConfig, report: dict, out_dir: Path) -> DitpipeError:
@@ -162,22 +231,34 @@ def no_samples(cfg: DataConfig, report: dict, out_dir: Path) -> DitpipeError:
     return DitpipeError(f"data.source={cfg.source}: {why}. Every rejection is in {kept}; {out_dir} was left as it was")
 
 
-def run(cfg: DataConfig, out_dir: str | Path) -> dict:
-    """Read ``cfg.source``, write the prepared folder to ``out_dir``; return the report summary."""
+def run(cfg: DataConfig, out_dir: str | Path, cluster: ClusterConfig | None = None) -> dict:
+    """Read ``cfg.source``, write the prepared folder to ``out_dir``; return the report summary. The samples
+    are checked in parts (one in this process, ``cluster.parts`` on Dask), then deduplicated in source order
+    here: the folder is byte for byte the same on any engine."""
     t0 = time.perf_counter()
-    fmt, raws = open_source(cfg)
+    cluster = cluster or ClusterConfig()
+    fmt, _ = open_source(cfg)  # a bad source or format fails here, before any part starts
+    source = cfg.source
+    if not is_url(source) and not source.startswith("builtin:") and Path(source).exists():
+        source = str(Path(source).resolve())  # a worker's working directory may be another one
     tally = Tally()
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
+        (tmp / "parts").mkdir()
+        parts = 1 if cluster.engine == "local" else cluster.parts
+        args = [(dataclasses.replace(cfg, source=source), str(tmp), part, parts, parts == 1) for part in range(parts)]
+        run_parts(cluster, prepare_part, args, "prepare")
         with open(tmp / "samples.jsonl", "w") as rows, scratch_db(tmp, "seen") as db:  # on disk: memory stays flat
-            bar = tqdm(prepare_samples(raws, cfg, tally, Seen(db)), desc="prepare", unit="img", disable=None)
-            for acc, split in bar:
+            for item, split in deduplicated(merged(tmp, parts), cfg, tally, Seen(db)):
+                acc = item.accepted
+                assert acc is not None
                 rel = f"images/{acc.key}.png"
-                (tmp / rel).write_bytes(png_bytes(acc.image))
+                os.replace(tmp / "parts" / f"{item.seq:012d}.png", tmp / rel)
                 row = {"key": acc.key, "file": rel, "caption": acc.caption, "split": split,
                        "sha256": acc.sha256, "meta": acc.meta}
                 rows.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
+        shutil.rmtree(tmp / "parts")  # the part files and the images of rejected duplicates
         report = tally.report()
         write_json(tmp / "report.json", report)
         if not tally.accepted:
@@ -188,6 +269,7 @@ def run(cfg: DataConfig, out_dir: str | Path) -> dict:
     summary = {k: report[k] for k in ("seen", "accepted", "rejected", "splits", "reasons")}
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["out"] = str(out_dir)
+    summary["engine"] = cluster.engine
     return summary
 
 

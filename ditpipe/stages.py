@@ -24,7 +24,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 def _prepare(cfg: Config) -> dict:
     from ditpipe import prepare
 
-    return prepare.run(cfg.data, cfg.paths.prepared)
+    return prepare.run(cfg.data, cfg.paths.prepared, cfg.cluster)
 
 
 def _vae(cfg: Config) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ditpipe.cluster import part_of
-from ditpipe.config import ClusterConfig, LatentsConfig, ShardsConfig, TextConfig
+from ditpipe.config import ClusterConfig, DataConfig, LatentsConfig, ShardsConfig, TextConfig
 
 pytestmark = pytest.mark.slow
 
@@ -32,26 +32,33 @@ def test_parts_by_key_hash_do_not_move_when_the_dataset_grows():
 
 
 class KilledMidPart:
-    """Stands in for the stage's part function: the first time it runs part 0, its worker process is killed
-    (SIGKILL) after writing three cache entries; every other call is the real part."""
+    """Stands in for a stage's part function: the first time it runs part 0, its worker process is killed
+    (SIGKILL) right after the third call of ``writer`` (``module:attribute``, what writes one sample's output);
+    every other call is the real part."""
 
-    def __init__(self, real, marker: str, part_arg: int):
-        self.real, self.marker, self.part_arg = real, marker, part_arg
+    def __init__(self, real, marker: str, part_arg: int, writer: str):
+        self.real, self.marker, self.part_arg, self.writer = real, marker, part_arg, writer
 
     def __call__(self, *args):
-        from ditpipe import cache
+        import importlib
 
         if args[self.part_arg] == 0 and not os.path.exists(self.marker):
             Path(self.marker).write_text(str(os.getpid()))
-            put, written = cache.TensorCache.put, []
+            module, attribute = self.writer.split(":")
+            *path, name = attribute.split(".")
+            owner = importlib.import_module(module)
+            for step in path:
+                owner = getattr(owner, step)
+            write, written = getattr(owner, name), []
 
-            def put_then_die(self_, *a, **k):
-                put(self_, *a, **k)
+            def write_then_die(*a, **k):
+                out = write(*a, **k)
                 written.append(1)
                 if len(written) == 3:
                     os.kill(os.getpid(), signal.SIGKILL)
+                return out
 
-            cache.TensorCache.put = put_then_die
+            setattr(owner, name, write_then_die)
         return self.real(*args)
 
 
@@ -66,7 +73,8 @@ def test_latents_text_and_shards_from_a_dask_cluster_match_in_process_even_after
     p = tiny_shards
     lat_cfg, txt_cfg = LatentsConfig(flip=True), TextConfig(encoder=str(tiny_text_encoder), max_length=8)
     marker = tmp_path / "killed"
-    monkeypatch.setattr(latents, "encode_part", KilledMidPart(latents.encode_part, str(marker), 4))
+    monkeypatch.setattr(latents, "encode_part",
+                        KilledMidPart(latents.encode_part, str(marker), 4, "ditpipe.cache:TensorCache.put"))
     on_dask = latents.run(lat_cfg, p / "prepared", p / "vae", tmp_path / "latents", DASK)
     assert marker.exists()  # a worker did die in the middle of part 0
     # the three entries written before the kill were kept by the retry, nothing was encoded twice
@@ -78,6 +86,22 @@ def test_latents_text_and_shards_from_a_dask_cluster_match_in_process_even_after
     assert_same_files(tmp_path / "shards", p / "shards")  # index.json and every tar
     again = latents.run(lat_cfg, p / "prepared", p / "vae", tmp_path / "latents", DASK)
     assert again["encoded"] == 0 and again["cached"] == 60  # every part finds its entries
+
+
+def test_prepare_on_a_dask_cluster_writes_what_one_process_writes_even_after_a_killed_worker(
+        tiny_shards, tmp_path, monkeypatch):
+    import cloudpickle
+
+    from ditpipe import prepare
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    marker = tmp_path / "killed"
+    monkeypatch.setattr(prepare, "prepare_part",
+                        KilledMidPart(prepare.prepare_part, str(marker), 2, "ditpipe.prepare:png_bytes"))
+    summary = prepare.run(DataConfig(count=60, resolution=16, val_fraction=0.2), tmp_path / "prepared", DASK)
+    assert marker.exists() and summary["engine"] == "dask"  # a worker died after three images of part 0
+    assert summary["accepted"] == 60
+    assert assert_same_files(tmp_path / "prepared", tiny_shards / "prepared") == 63  # the fixture's, made in-process
 
 
 def test_an_unreachable_scheduler_is_one_line_naming_it(tiny_shards, tmp_path):
