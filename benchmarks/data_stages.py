@@ -7,7 +7,7 @@
 2. loader: samples/s and MB/s from the shards vs the same arrays from memory and from one .npy per sample.
    At ~1 MB samples (T5-sized caption embeddings): memory-mapped vs streamed shards vs .npy files.
    resume: time to the first sample of a resume 10.5 epochs in, skipping by index counts vs reading to skip.
-   cluster: latents and text in-process vs as parts on a 2-worker local Dask cluster (--only cluster).
+   cluster: prepare, latents and text in-process vs as parts on a 2-worker local Dask cluster (--only cluster).
 3. memory: peak RSS of `ditpipe prepare`, `latents`, `text` and `shards` by dataset size (must not grow).
 """
 
@@ -198,28 +198,32 @@ def bench_big_samples(n: int = 1000, batch_size: int = 32) -> None:
 
 
 def bench_cluster(cfg) -> None:
-    """latents and text into empty caches: in this process vs as 16 parts on a local Dask cluster of 2 workers
-    (1 torch thread each), then the same with every entry cached (what each part costs when it has nothing
-    to do)."""
+    """prepare, latents and text: in this process vs as 16 parts on a local Dask cluster of 2 workers (1 torch
+    thread each); latents and text into empty caches, then again with every entry cached (what each part costs
+    when it has nothing to do). Each pair's outputs are compared byte for byte."""
     import shutil
 
     from ditpipe.config import ClusterConfig
     from ditpipe.latents import run as latents
+    from ditpipe.prepare import run as prepare
     from ditpipe.text import run as text
 
     print("\n== data stages: in-process vs a local Dask cluster (2 workers, 16 parts), empty caches, then cached")
     dask = ClusterConfig(engine="dask", workers=2, parts=16)
+    stages = (("prepare", lambda out, c: prepare(cfg.data, out, c), "accepted"),
+              ("latents", lambda out, c: latents(cfg.latents, cfg.paths.prepared, cfg.paths.vae, out, c), "encoded"),
+              ("text", lambda out, c: text(cfg.text, cfg.paths.prepared, out, c), "encoded"))
     with tempfile.TemporaryDirectory() as d:
-        for name, engine in (("in-process", ClusterConfig()), ("dask 2 workers", dask)):
-            for stage, fn in (("latents", lambda out, c: latents(cfg.latents, cfg.paths.prepared, cfg.paths.vae,
-                                                                  out, c)),
-                              ("text", lambda out, c: text(cfg.text, cfg.paths.prepared, out, c))):
+        for stage, fn, count in stages:
+            outs = []
+            for name, engine in (("in-process", ClusterConfig()), ("dask 2 workers", dask)):
                 out = Path(d) / f"{stage}-{name}"
                 cold = fn(out, engine)
-                warm = fn(out, engine)
-                print(f"{stage:8} {name:15} {cold['encoded']:5d} encoded in {cold['seconds']:6.2f} s; "
-                      f"all cached: {warm['seconds']:5.2f} s")
-                shutil.rmtree(out)
+                again = f"; all cached: {fn(out, engine)['seconds']:5.2f} s" if stage != "prepare" else ""
+                print(f"{stage:8} {name:15} {cold[count]:5d} {count} in {cold['seconds']:6.2f} s{again}")
+                outs.append({p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()})
+            print(f"{stage:8} outputs byte for byte the same: {outs[0] == outs[1]} ({len(outs[0])} files)")
+            shutil.rmtree(Path(d) / f"{stage}-in-process"), shutil.rmtree(Path(d) / f"{stage}-dask 2 workers")
 
 
 def bench_resume(cfg, epochs: float = 10.5) -> None:

@@ -15,8 +15,7 @@ from collections.abc import Container
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from ditpipe.errors import DitpipeError
 from ditpipe.io import TMP_PREFIX, cache_key, remove_stale_temps, sha256_bytes
@@ -47,12 +46,19 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def safetensors_header(data: bytes) -> tuple[int, dict]:
+    """(length, parsed JSON) of a safetensors file's header."""
+    n = int.from_bytes(data[:8], "little")
+    if not 0 < n <= len(data) - 8:
+        raise ValueError(f"header length {n} does not fit a file of {len(data)} bytes")
+    return n, json.loads(data[8 : 8 + n])
+
+
 def canonical_safetensors(data: bytes) -> bytes:
     """The same safetensors file with its metadata in sorted order. safetensors writes metadata from a hash
     map, in an order that changes from one process to the next; sorted, an entry written by a Dask worker
     is byte for byte the one this process writes. The header keeps its length, so no offset moves."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
+    n, header = safetensors_header(data)
     if "__metadata__" in header:
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
@@ -70,7 +76,7 @@ class TensorCache:
         return self.root / key[:2] / f"{key}.safetensors"
 
     def has(self, key: str) -> bool:
-        return self.path(key).exists()
+        return os.path.exists(os.path.join(self.root, key[:2], f"{key}.safetensors"))
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
         final = self.path(key)
@@ -95,12 +101,17 @@ class TensorCache:
         return not self._read(key)[0]
 
     def _read(self, key: str) -> tuple[str, dict[str, torch.Tensor]]:
-        if not self.has(key):
+        # the bytes parsed in memory, not safe_open: it keeps ~100 bytes per file opened, which over millions of
+        # entries read by `shards` would grow its memory with the dataset; a string path, not a Path, which
+        # interns every file name it parses
+        try:
+            with open(os.path.join(self.root, key[:2], f"{key}.safetensors"), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
             return "missing", {}
         try:
-            with safe_open(str(self.path(key)), "pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-                digest = (f.metadata() or {}).get(DIGEST)
+            digest = (safetensors_header(data)[1].get("__metadata__") or {}).get(DIGEST)
+            tensors = load(data)
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a cut or bad header
             return f"damaged ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})", {}
         if digest is not None and tensors_digest(tensors) != digest:
