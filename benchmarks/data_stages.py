@@ -8,7 +8,8 @@
    At ~1 MB samples (T5-sized caption embeddings): memory-mapped vs streamed shards vs .npy files.
    resume: time to the first sample of a resume 10.5 epochs in, skipping by index counts vs reading to skip.
    cluster: prepare, latents and text in-process vs as parts on a 2-worker local Dask cluster (--only cluster).
-3. memory: peak RSS of `ditpipe prepare`, `latents`, `text` and `shards` by dataset size (must not grow).
+3. memory: peak RSS of `ditpipe prepare`, `latents`, `text` and `shards` by dataset size (must not grow);
+   shards-memory: `shards` alone on synthetic cached inputs, quick at 100k samples.
 """
 
 from __future__ import annotations
@@ -219,7 +220,11 @@ def bench_cluster(cfg) -> None:
             for name, engine in (("in-process", ClusterConfig()), ("dask 2 workers", dask)):
                 out = Path(d) / f"{stage}-{name}"
                 cold = fn(out, engine)
-                again = f"; all cached: {fn(out, engine)['seconds']:5.2f} s" if stage != "prepare" else ""
+                again = ""
+                if stage != "prepare":
+                    warm = fn(out, engine)["seconds"]
+                    parts = engine.parts if engine.engine == "dask" else 1
+                    again = f"; all cached: {warm:5.2f} s ({warm / parts * 1e3:4.0f} ms a part with nothing to do)"
                 print(f"{stage:8} {name:15} {cold[count]:5d} {count} in {cold['seconds']:6.2f} s{again}")
                 outs.append({p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()})
             print(f"{stage:8} outputs byte for byte the same: {outs[0] == outs[1]} ({len(outs[0])} files)")
@@ -258,29 +263,92 @@ def peak_rss_mb(stage: str, params: Path, cwd: Path) -> float:
     return int(out.split("MAXRSS")[1]) / 1024
 
 
-def bench_memory(sizes: list[int]) -> None:
+def bench_memory(sizes: list[int], stages: tuple[str, ...] = ("prepare", "latents", "text", "shards")) -> None:
     print("\n== memory: peak RSS of each per-sample data stage by dataset size (MB)")
-    stages = ("prepare", "latents", "text", "shards")
     print(f"{'samples':>8}  " + "  ".join(f"{s:>8}" for s in stages))
+    order = ("prepare", "vae", "latents", "text", "shards")
+    last = max(order.index(s) for s in stages)
     for n in sizes:
         with tempfile.TemporaryDirectory() as d:
             params = Path(d) / "params.yaml"
             params.write_text(yaml.safe_dump({"data": {"count": n}, "vae": {"steps": 5}}))
             peaks = {}
-            for stage in ("prepare", "vae", "latents", "text", "shards"):
-                if stage == "vae":  # not per-sample: trained for 5 steps only so that latents has a VAE
+            for stage in order[: last + 1]:
+                if stage in stages:
+                    peaks[stage] = peak_rss_mb(stage, params, Path(d))
+                else:  # not measured (the vae is not per-sample: trained for 5 steps only so that latents has one)
                     subprocess.run([sys.executable, "-m", "ditpipe", stage, "--params", str(params)], cwd=d,
                                    check=True, capture_output=True)
-                else:
-                    peaks[stage] = peak_rss_mb(stage, params, Path(d))
             print(f"{n:8d}  " + "  ".join(f"{peaks[s]:8.1f}" for s in stages), flush=True)
+
+
+SHARDS_CHILD = """
+import re, sys
+from pathlib import Path
+from ditpipe.cache import TensorCache
+from ditpipe.config import ShardsConfig
+from ditpipe.shards import run
+if sys.argv[2] == "safe_open":  # the reader before: safe_open keeps ~100 bytes per file it opens
+    from safetensors import safe_open
+    def read(self, key):
+        with safe_open(str(self.path(key)), "pt") as f:
+            return "", {k: f.get_tensor(k) for k in f.keys()}
+    TensorCache._read = read
+d = Path(sys.argv[1])
+run(ShardsConfig(), d / "prepared", d / "latents", d / "text", d / f"shards-{sys.argv[2]}")
+print("MAXRSS", re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+"""
+
+
+def bench_shards_memory(sizes: list[int]) -> None:
+    """Peak RSS of ``shards`` alone on synthetic inputs (tiny cached latents, 50 captions): the per-sample
+    stage that reads every cache entry, at sizes the full memory benchmark takes an hour to reach on 2 cores;
+    against the same run reading entries through ``safe_open``, as the cache did before."""
+    import hashlib
+    import json
+
+    from ditpipe.cache import TensorCache, latent_key, text_key
+    from ditpipe.io import write_json
+
+    print("\n== memory: peak RSS of `shards` on synthetic cached inputs (MB), entries read from bytes vs safe_open")
+    print(f"{'samples':>8}  {'bytes':>8}  {'safe_open':>9}")
+    lat_fields, txt_fields = ["vae", 32, "float32", "float32", False], ["enc", 32, "float32"]
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            lat, txt = TensorCache(d / "latents" / "cache"), TensorCache(d / "text" / "cache")
+            captions = [f"caption {i}" for i in range(50)]
+            for c in [*captions, ""]:
+                txt.put(text_key(c, *txt_fields), {"emb": torch.zeros(32, 8), "mask": torch.ones(32, dtype=torch.uint8),
+                                                   "pooled": torch.zeros(8)})
+            (d / "prepared").mkdir()
+            with open(d / "prepared" / "samples.jsonl", "w") as f:
+                for i in range(n):
+                    sha = hashlib.sha256(str(i).encode()).hexdigest()
+                    zeros = torch.zeros(8, 4, 4)
+                    lat.put(latent_key(sha, *lat_fields), {"mean": zeros, "logvar": zeros.clone()})
+                    f.write(json.dumps({"key": f"s{i:08d}", "file": "-", "caption": captions[i % 50], "sha256": sha,
+                                        "split": "val" if i % 20 == 0 else "train", "meta": {}}) + "\n")
+            write_json(d / "prepared" / "meta.json", {"source": "synthetic", "count": n})
+            write_json(d / "latents" / "index.json", dict(zip(
+                ("vae_identity", "resolution", "dtype", "storage_dtype", "flip"), lat_fields),
+                scaling_factor=1.0, shift_factor=None, latent_shape=[8, 4, 4]))
+            write_json(d / "text" / "index.json", dict(
+                zip(("encoder_identity", "max_length", "dtype"), txt_fields),
+                encoder="-", model_type="bert", dim=8, empty=text_key("", *txt_fields)))
+            peaks = [int(subprocess.run([sys.executable, "-c", SHARDS_CHILD, str(d), how], check=True, text=True,
+                                        capture_output=True).stdout.split("MAXRSS")[1]) / 1024
+                     for how in ("bytes", "safe_open")]
+            print(f"{n:8d}  {peaks[0]:8.1f}  {peaks[1]:9.1f}", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("encode", "loader", "memory", "cluster"))
+    p.add_argument("--only", choices=("encode", "loader", "memory", "shards-memory", "cluster"))
     p.add_argument("--count", type=int, default=2000, help="shapes for the encode/loader benchmarks")
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000], help="dataset sizes for memory")
+    p.add_argument("--stages", nargs="+", default=["prepare", "latents", "text", "shards"],
+                   choices=("prepare", "latents", "text", "shards"), help="the stages memory measures")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
@@ -298,7 +366,9 @@ def main() -> None:
             if args.only in (None, "cluster"):
                 bench_cluster(cfg)
     if args.only in (None, "memory"):
-        bench_memory(args.sizes)
+        bench_memory(args.sizes, tuple(args.stages))
+    if args.only in (None, "shards-memory"):
+        bench_shards_memory(args.sizes)
 
 
 if __name__ == "__main__":

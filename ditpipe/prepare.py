@@ -250,7 +250,9 @@ def run(cfg: DataConfig, out_dir: str | Path, cluster: ClusterConfig | None = No
         args = [(dataclasses.replace(cfg, source=source), str(tmp), part, parts, parts == 1) for part in range(parts)]
         run_parts(cluster, prepare_part, args, "prepare")
         with open(tmp / "samples.jsonl", "w") as rows, scratch_db(tmp, "seen") as db:  # on disk: memory stays flat
-            for item, split in deduplicated(merged(tmp, parts), cfg, tally, Seen(db)):
+            checked = tqdm(merged(tmp, parts), desc="prepare: merge parts", unit="img",
+                           disable=None if parts > 1 else True)
+            for item, split in deduplicated(checked, cfg, tally, Seen(db)):
                 acc = item.accepted
                 assert acc is not None
                 rel = f"images/{acc.key}.png"
