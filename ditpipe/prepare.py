@@ -237,7 +237,7 @@ def run(cfg: DataConfig, out_dir: str | Path, cluster: ClusterConfig | None = No
     here: the folder is byte for byte the same on any engine."""
     t0 = time.perf_counter()
     cluster = cluster or ClusterConfig()
-    fmt, _ = open_source(cfg)  # a bad source or format fails here, before any part starts
+    fmt, _ = open_source(cfg)  # a format that cannot be told (or a missing folder) fails here, before any part
     source = cfg.source
     if not is_url(source) and not source.startswith("builtin:") and Path(source).exists():
         source = str(Path(source).resolve())  # a worker's working directory may be another one
