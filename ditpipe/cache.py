@@ -73,10 +73,14 @@ class TensorCache:
         self.root, self.stage = Path(root), stage  # the stage that fills it, named in errors
 
     def path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.safetensors"
+        return Path(self._file(key))
+
+    def _file(self, key: str) -> str:
+        # a string, not a Path: pathlib interns every file name it parses, one per entry over millions
+        return os.path.join(self.root, key[:2], f"{key}.safetensors")
 
     def has(self, key: str) -> bool:
-        return os.path.exists(os.path.join(self.root, key[:2], f"{key}.safetensors"))
+        return os.path.exists(self._file(key))
 
     def put(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
         final = self.path(key)
@@ -102,13 +106,14 @@ class TensorCache:
 
     def _read(self, key: str) -> tuple[str, dict[str, torch.Tensor]]:
         # the bytes parsed in memory, not safe_open: it keeps ~100 bytes per file opened, which over millions of
-        # entries read by `shards` would grow its memory with the dataset; a string path, not a Path, which
-        # interns every file name it parses
+        # entries read by `shards` would grow its memory with the dataset
         try:
-            with open(os.path.join(self.root, key[:2], f"{key}.safetensors"), "rb") as f:
+            with open(self._file(key), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             return "missing", {}
+        except OSError as exc:  # a folder or an unreadable file where the entry should be
+            return f"damaged ({exc.strerror or type(exc).__name__})", {}
         try:
             digest = (safetensors_header(data)[1].get("__metadata__") or {}).get(DIGEST)
             tensors = load(data)

@@ -189,13 +189,12 @@ def part_file(staging: Path, part: int) -> Path:
     return staging / "parts" / f"part-{part:05d}.jsonl"
 
 
-def prepare_part(cfg: DataConfig, staging: str, part: int, parts: int, progress: bool = False) -> int:
+def prepare_part(cfg: DataConfig, staging: str, part: int, parts: int, progress: bool = False) -> None:
     """Check the samples of one part: each accepted image to ``parts/<seq>.png``, one line per sample (in
-    source order) to the part's file, written whole or not at all; return how many samples it holds. Paths
-    in, files out: a Dask task gets and gives nothing bigger. A part run again rewrites the same files."""
+    source order) to the part's file, written whole or not at all. Paths in, files out: a Dask task gets
+    and gives nothing bigger. A part run again rewrites the same files."""
     work = Path(staging) / "parts"
     _, raws = open_source(cfg)
-    n = 0
     with atomic_open(part_file(Path(staging), part), "w") as out:
         for item in tqdm(check_samples(raws, cfg, part, parts), desc="prepare", unit="img",
                          disable=None if progress else True):
@@ -207,8 +206,6 @@ def prepare_part(cfg: DataConfig, staging: str, part: int, parts: int, progress:
             else:
                 line["reason"] = item.reason
             out.write(json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n")
-            n += 1
-    return n
 
 
 def merged(staging: Path, parts: int) -> Iterator[Checked]:
