@@ -28,6 +28,16 @@ def part_of(key: str, parts: int) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % parts
 
 
+def worker_path(path: str | os.PathLike) -> str:
+    """``path`` as a part's argument: absolute, since a worker's working directory may be another one.
+    Patterns (braces, globs) are joined to this one as they are; URLs (``file://`` too) and ``builtin:``
+    sources pass unchanged."""
+    path = str(path)
+    if "://" in path or path.startswith("builtin:") or os.path.isabs(path):
+        return path
+    return os.path.abspath(path)
+
+
 def _with_threads(threads: int | None, fn: Callable, *args: Any) -> Any:
     if threads:
         import torch

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ditpipe.autoencoder import PreparedImages, load_vae
 from ditpipe.cache import TensorCache, latent_key
-from ditpipe.cluster import part_of, run_parts
+from ditpipe.cluster import part_of, run_parts, worker_path
 from ditpipe.config import ClusterConfig, LatentsConfig
 from ditpipe.errors import DitpipeError
 from ditpipe.io import (
@@ -132,7 +132,7 @@ def _run(cfg: LatentsConfig, prepared: str | Path, vae_dir: str | Path, out_dir:
     cache = TensorCache(out_dir / "cache", "latents")
     cache.clean_temps()
     parts = 1 if cluster.engine == "local" else cluster.parts
-    args = [(cfg, str(prepared), str(vae_dir), str(out_dir / "cache"), part, parts, parts == 1)
+    args = [(cfg, worker_path(prepared), worker_path(vae_dir), worker_path(out_dir / "cache"), part, parts, parts == 1)
             for part in range(parts)]
     encoded = sum(run_parts(cluster, encode_part, args, "latents"))
     listing, total, first = hashlib.sha256(), 0, None

@@ -26,12 +26,12 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from ditpipe.cluster import part_of, run_parts
+from ditpipe.cluster import part_of, run_parts, worker_path
 from ditpipe.config import ClusterConfig, DataConfig
 from ditpipe.data.images import NormalizeSpec, Rejected, normalize, png_bytes, to_rgb
 from ditpipe.data.readers import RawSample, open_source
 from ditpipe.errors import DitpipeError
-from ditpipe.io import atomic_open, is_url, pixel_hash, read_jsonl, scratch_db, sha256_bytes, staged_dir, write_json
+from ditpipe.io import atomic_open, pixel_hash, read_jsonl, scratch_db, sha256_bytes, staged_dir, write_json
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -235,16 +235,15 @@ def run(cfg: DataConfig, out_dir: str | Path, cluster: ClusterConfig | None = No
     t0 = time.perf_counter()
     cluster = cluster or ClusterConfig()
     fmt, _ = open_source(cfg)  # a format that cannot be told (or a missing folder) fails here, before any part
-    source = cfg.source
-    if not is_url(source) and not source.startswith("builtin:") and Path(source).exists():
-        source = str(Path(source).resolve())  # a worker's working directory may be another one
+    source = worker_path(cfg.source)  # a brace or glob pattern too
     tally = Tally()
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         (tmp / "parts").mkdir()
         parts = 1 if cluster.engine == "local" else cluster.parts
-        args = [(dataclasses.replace(cfg, source=source), str(tmp), part, parts, parts == 1) for part in range(parts)]
+        args = [(dataclasses.replace(cfg, source=source), worker_path(tmp), part, parts, parts == 1)
+                for part in range(parts)]
         run_parts(cluster, prepare_part, args, "prepare")
         with open(tmp / "samples.jsonl", "w") as rows, scratch_db(tmp, "seen") as db:  # on disk: memory stays flat
             checked = tqdm(merged(tmp, parts), desc="prepare: merge parts", unit="img",

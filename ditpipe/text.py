@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ditpipe.cache import TensorCache, text_key
-from ditpipe.cluster import part_of, run_parts
+from ditpipe.cluster import part_of, run_parts, worker_path
 from ditpipe.config import ClusterConfig, TextConfig
 from ditpipe.encoders import TextEncoder, caption_hash
 from ditpipe.errors import DitpipeError
@@ -92,7 +92,8 @@ def _run(cfg: TextConfig, prepared: str | Path, out_dir: str | Path, cluster: Cl
     cache = TensorCache(out_dir / "cache", "text")
     cache.clean_temps()
     parts = 1 if cluster.engine == "local" else cluster.parts
-    args = [(cfg, str(prepared), str(out_dir / "cache"), part, parts, parts == 1) for part in range(parts)]
+    args = [(cfg, worker_path(prepared), worker_path(out_dir / "cache"), part, parts, parts == 1)
+            for part in range(parts)]
     encoded = sum(run_parts(cluster, encode_part, args, "text"))
     listing = hashlib.sha256()
     with DiskSet(out_dir / "cache", "captions") as captions, DiskSet(out_dir / "cache", "keep") as keep:

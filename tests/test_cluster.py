@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ditpipe.cluster import part_of
+from ditpipe.cluster import part_of, worker_path
 from ditpipe.config import ClusterConfig, DataConfig, LatentsConfig, ShardsConfig, TextConfig
 
 pytestmark = pytest.mark.slow
@@ -112,3 +112,11 @@ def test_an_unreachable_scheduler_is_one_line_naming_it(tiny_shards, tmp_path):
     address = f"tcp://127.0.0.1:{free_port()}"
     with pytest.raises(DitpipeError, match=f"cluster.address {address} does not answer"):
         run(TextConfig(), tiny_shards / "prepared", tmp_path / "text", ClusterConfig(engine="dask", address=address))
+
+
+def test_worker_paths_are_absolute_and_urls_pass_unchanged(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert worker_path("artifacts/prepared") == str(tmp_path / "artifacts/prepared")
+    assert worker_path(Path("data") / "{000..009}.tar") == str(tmp_path / "data/{000..009}.tar")
+    for unchanged in ("s3://bucket/x-{0..1}.tar", "file:///data/x.tar", "builtin:shapes", "/abs/x"):
+        assert worker_path(unchanged) == unchanged

@@ -137,25 +137,29 @@ def test_no_usable_sample_is_an_error_naming_the_report_and_the_old_output_stays
         run(DataConfig(source=str(root), resolution=16), out)
 
 
-def test_parts_deduplicate_in_source_order_and_write_what_one_process_writes(tmp_path, monkeypatch):
-    """Checked in 3 parts (run here, one after another, instead of as Dask tasks: the merge is what is under
-    test), the prepared folder is byte for byte the in-process one, duplicates across parts included. The
-    order matters: "b" is first a copy of "a"'s pixels (rejected), then a sample of its own (kept)."""
+def write_tar(path, samples) -> None:
+    """A webdataset tar of (key, image bytes, caption) samples."""
     import tarfile
 
-    from ditpipe import prepare
-    from ditpipe.config import ClusterConfig
-
-    samples = [("a", png((255, 0, 0)), "red"), ("b", png((255, 0, 0)), "red again"),
-               ("c", png((0, 0, 255)), "blue"), ("b", png((0, 255, 0)), "green b"),
-               ("d", b"\x89PNG garbage", "broken"), ("a", png((9, 9, 9)), "a again"),
-               *((f"k{i}", png((i, 100, 200 - i)), f"colour {i}") for i in range(12))]
-    with tarfile.open(tmp_path / "data.tar", "w") as tar:
+    with tarfile.open(path, "w") as tar:
         for key, image, caption in samples:
             for name, data in ((f"{key}.png", image), (f"{key}.txt", caption.encode())):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+
+
+def test_parts_deduplicate_in_source_order_and_write_what_one_process_writes(tmp_path, monkeypatch):
+    """Checked in 3 parts (run here, one after another, instead of as Dask tasks: the merge is what is under
+    test), the prepared folder is byte for byte the in-process one, duplicates across parts included. The
+    order matters: "b" is first a copy of "a"'s pixels (rejected), then a sample of its own (kept)."""
+    from ditpipe import prepare
+    from ditpipe.config import ClusterConfig
+
+    write_tar(tmp_path / "data.tar", [("a", png((255, 0, 0)), "red"), ("b", png((255, 0, 0)), "red again"),
+                                      ("c", png((0, 0, 255)), "blue"), ("b", png((0, 255, 0)), "green b"),
+                                      ("d", b"\x89PNG garbage", "broken"), ("a", png((9, 9, 9)), "a again"),
+                                      *((f"k{i}", png((i, 100, 200 - i)), f"colour {i}") for i in range(12))])
     cfg = DataConfig(source=str(tmp_path / "data.tar"), resolution=16, min_size=8, val_fraction=0.3)
     local = run(cfg, tmp_path / "local")
     monkeypatch.setattr(prepare, "run_parts", lambda cluster, fn, args, desc: [fn(*a) for a in args])
@@ -170,3 +174,31 @@ def test_parts_deduplicate_in_source_order_and_write_what_one_process_writes(tmp
     assert rows["b"] == "green b" and rows["a"] == "red" and "d" not in rows
     reasons = [r["reason"] for r in json.load(open(tmp_path / "parted" / "report.json"))["rejects"]]
     assert reasons[0] == "duplicate image: same pixels as a" and reasons[2] == "duplicate key: a"
+
+
+def test_parts_run_from_another_working_directory_with_a_relative_brace_pattern(tmp_path, monkeypatch):
+    """A remote worker does not share this process's working directory: every path a part gets is absolute,
+    a relative brace pattern included, so a part run from elsewhere finds the same samples."""
+    from ditpipe import prepare
+    from ditpipe.config import ClusterConfig
+
+    (tmp_path / "src").mkdir()
+    for i in range(2):
+        write_tar(tmp_path / "src" / f"part-{i}.tar", [(f"s{i}{j}", png((i * 90, j * 40, 50)), f"c{i}{j}")
+                                                      for j in range(4)])
+    (tmp_path / "elsewhere").mkdir()
+
+    def parts_elsewhere(cluster, fn, args, desc):
+        here = os.getcwd()
+        os.chdir(tmp_path / "elsewhere")
+        try:
+            return [fn(*a) for a in args]
+        finally:
+            os.chdir(here)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare, "run_parts", parts_elsewhere)
+    cfg = DataConfig(source="src/part-{0..1}.tar", resolution=16, min_size=8, val_fraction=0.25)
+    s = run(cfg, "prepared", ClusterConfig(engine="dask", parts=2))
+    assert s["seen"] == s["accepted"] == 8
+    assert len(list((tmp_path / "prepared" / "images").iterdir())) == 8
