@@ -47,7 +47,7 @@ class DitpipePipeline(DiffusionPipeline):
                  guidance_scale: float | None = None, seed: int = 0, generator: torch.Generator | None = None,
                  batch_size: int = 64, output_type: str = "pil", return_dict: bool = True):
         """Images of ``prompt``. Image i draws its noise from seed ``seed + i`` (or from ``generator``'s draws),
-        so the same seed gives the same image whatever the batch size."""
+        so the same seed draws the same noise, and the same image up to float rounding, whatever the batch size."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         steps = num_inference_steps or int(self.config.default_steps)

@@ -150,7 +150,13 @@ def test_export_loads_with_diffusers_and_draws_what_was_evaluated(evaluated, tin
     out = pipe([first["text"], "a large red circle"], seed=first["seed"]).images  # evaluated steps and scale
     assert len(out) == 2 and out[0].size == (16, 16)
     with Image.open(root / "evaluate/samples" / first["file_name"]) as evaluated_img:
-        assert np.array_equal(np.asarray(out[0]), np.asarray(evaluated_img))
+        want = np.asarray(evaluated_img).astype(int)
+    # the same noise and steps; float sums may round differently between calls (BLAS kernels pick their path by
+    # batch shape and memory alignment), which moves a pixel by a level or two, never the picture
+    diff = np.abs(np.asarray(out[0]).astype(int) - want)
+    assert diff.max() <= 4 and diff.mean() < 0.5, (diff.max(), diff.mean())
+    other = pipe([first["text"]], seed=first["seed"] + 1).images[0]  # another seed is another picture
+    assert np.abs(np.asarray(other).astype(int) - want).mean() > 2
 
 
 def test_export_of_our_own_dit_class_round_trips(tiny_shards, tmp_path):
