@@ -147,6 +147,7 @@ def check_samples(raws: Iterable[RawSample], cfg: DataConfig, part: int = 0, par
             break
         if parts > 1 and part_of(raw.key, parts) != part:
             continue
+        raw = raw.loaded()  # only now: a part reads (or draws) its own share, not the whole source
         try:
             yield Checked(seq, raw.key, process(raw, spec))
         except Rejected as rej:

@@ -202,3 +202,38 @@ def test_parts_run_from_another_working_directory_with_a_relative_brace_pattern(
     s = run(cfg, "prepared", ClusterConfig(engine="dask", parts=2))
     assert s["seen"] == s["accepted"] == 8
     assert len(list((tmp_path / "prepared" / "images").iterdir())) == 8
+
+
+def test_a_part_draws_and_reads_only_its_own_share(tmp_path, monkeypatch):
+    """A part lists every key of the source but draws (builtin:shapes) or reads (an imagefolder) only the samples
+    of its share; the parts together cover each sample once."""
+    from ditpipe.data import readers, shapes
+    from ditpipe.prepare import check_samples, part_of
+
+    drawn: list[int] = []
+    draw = shapes.draw_sample
+    monkeypatch.setattr(shapes, "draw_sample", lambda seed, i, res: drawn.append(i) or draw(seed, i, res))
+    cfg = DataConfig(source="builtin:shapes", count=40, resolution=16)
+    for part in range(4):
+        drawn.clear()
+        out = list(check_samples(readers.read_shapes(cfg.source, cfg), cfg, part, 4))
+        assert [shapes.key_of(i) for i in drawn] == [c.raw_key for c in out]
+        assert all(part_of(c.raw_key, 4) == part for c in out) and 0 < len(out) < 40
+
+    root = tmp_path / "folder"
+    root.mkdir()
+    for i in range(12):
+        (root / f"im{i}.png").write_bytes(png((i * 20, 0, 0)))
+        (root / f"im{i}.txt").write_text(f"red {i}")
+    opened: list[str] = []
+    read_file = readers._read_file
+    monkeypatch.setattr(readers, "_read_file", lambda r, name: opened.append(name) or read_file(r, name))
+    folder = DataConfig(source=str(root), resolution=16, min_size=8)
+    seen = []
+    for part in range(3):
+        opened.clear()
+        out = list(check_samples(readers.read_imagefolder(folder.source, folder), folder, part, 3))
+        assert sorted(opened) == sorted(f"{c.raw_key}.{ext}" for c in out for ext in ("png", "txt"))
+        assert all(c.accepted is not None for c in out)
+        seen += [c.raw_key for c in out]
+    assert sorted(seen) == sorted(f"im{i}" for i in range(12))

@@ -8,6 +8,7 @@ absolute paths, symlinks that leave the root and links inside tars are rejected,
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import posixpath
@@ -40,6 +41,13 @@ class RawSample:
     caption: Any = None
     meta: dict = field(default_factory=dict)
     reject: str | None = None
+    # The costly part (reading the file, drawing the shape), put off until asked for: a prepare part lists every
+    # key of the source to find its share, and should read and draw only that share.
+    load: Callable[[], RawSample] | None = field(default=None, repr=False, compare=False)
+
+    def loaded(self) -> RawSample:
+        """This sample with its bytes (or image) read."""
+        return self.load() if self.load is not None else self
 
 
 Reader = Callable[[str, DataConfig], Iterator[RawSample]]
@@ -48,9 +56,14 @@ Reader = Callable[[str, DataConfig], Iterator[RawSample]]
 # ---------------------------------------------------------------- builtin:shapes
 
 
+def _shape(seed: int, index: int, resolution: int) -> RawSample:
+    key, img, caption, attrs = shapes.draw_sample(seed, index, resolution)
+    return RawSample(key, image=img, caption=caption, meta={"attributes": attrs})
+
+
 def read_shapes(source: str, cfg: DataConfig) -> Iterator[RawSample]:
-    for key, img, caption, attrs in shapes.generate(cfg.seed, cfg.count, cfg.resolution):
-        yield RawSample(key, image=img, caption=caption, meta={"attributes": attrs})
+    for i in range(cfg.count):
+        yield RawSample(shapes.key_of(i), load=functools.partial(_shape, cfg.seed, i, cfg.resolution))
 
 
 # ---------------------------------------------------------------- imagefolder
@@ -141,27 +154,36 @@ def _read_with_metadata(root: Path, meta: Path, cfg: DataConfig) -> Iterator[Raw
             yield RawSample(where, reject=f"metadata row has no {cfg.file_column!r} field")
             continue
         listed.add(PurePosixPath(name.replace("\\", "/")).as_posix())
-        data, reason = _read_file(root, name)
         extra = {k: v for k, v in row.items() if k not in (cfg.file_column, cfg.caption_column)}
-        yield RawSample(_stem(name), data=data, caption=row.get(cfg.caption_column), meta=extra, reject=reason)
+        yield RawSample(_stem(name), load=functools.partial(_listed_file, root, name, row.get(cfg.caption_column),
+                                                            extra))
     for rel in _walk_images(root):
         if rel not in listed:
             yield RawSample(_stem(rel), reject=f"image not listed in {meta.name}: {rel}")
 
 
+def _listed_file(root: Path, name: str, caption: Any, meta: dict) -> RawSample:
+    data, reason = _read_file(root, name)
+    return RawSample(_stem(name), data=data, caption=caption, meta=meta, reject=reason)
+
+
+def _sidecar_pair(root: Path, rel: str) -> RawSample:
+    data, reason = _read_file(root, rel)
+    caption = None
+    if reason is None:
+        side = Path(rel).with_suffix(".txt").as_posix()
+        text, side_reason = _read_file(root, side)
+        if side_reason:
+            reason = f"no caption: {side_reason}"
+        else:
+            assert text is not None
+            caption = text.decode("utf-8", errors="replace")
+    return RawSample(_stem(rel), data=data, caption=caption, reject=reason)
+
+
 def _read_with_sidecars(root: Path) -> Iterator[RawSample]:
     for rel in _walk_images(root):
-        data, reason = _read_file(root, rel)
-        caption = None
-        if reason is None:
-            side = Path(rel).with_suffix(".txt").as_posix()
-            text, side_reason = _read_file(root, side)
-            if side_reason:
-                reason = f"no caption: {side_reason}"
-            else:
-                assert text is not None
-                caption = text.decode("utf-8", errors="replace")
-        yield RawSample(_stem(rel), data=data, caption=caption, reject=reason)
+        yield RawSample(_stem(rel), load=functools.partial(_sidecar_pair, root, rel))
 
 
 def _stem(name: str) -> str:
@@ -294,6 +316,11 @@ def _parquet_image(value: Any, fs: Any, parquet_path: str, column: str) -> tuple
     return None, f"no image bytes or path in column {column!r}"
 
 
+def _parquet_sample(key: str, cell: Any, caption: Any, fs: Any, parquet_path: str, cfg: DataConfig) -> RawSample:
+    data, reason = _parquet_image(cell, fs, parquet_path, cfg.image_column)
+    return RawSample(key, data=data, caption=caption, reject=reason)
+
+
 def read_parquet(source: str, cfg: DataConfig) -> Iterator[RawSample]:
     import pyarrow.parquet as pq
 
@@ -316,8 +343,8 @@ def read_parquet(source: str, cfg: DataConfig) -> Iterator[RawSample]:
                 for rec in batch.to_pylist():
                     key = str(rec[key_col]) if key_col and rec[key_col] is not None else f"{stem}-{row:08d}"
                     row += 1
-                    data, reason = _parquet_image(rec[cfg.image_column], fs, path, cfg.image_column)
-                    yield RawSample(key, data=data, caption=rec[cfg.caption_column], reject=reason)
+                    yield RawSample(key, load=functools.partial(
+                        _parquet_sample, key, rec[cfg.image_column], rec[cfg.caption_column], fs, path, cfg))
 
 
 READERS: dict[str, Reader] = {

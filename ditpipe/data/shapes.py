@@ -113,8 +113,17 @@ def render(scene: ShapeScene, resolution: int) -> Image.Image:
     return img.resize((resolution, resolution), Image.Resampling.LANCZOS)
 
 
+def key_of(index: int) -> str:
+    return f"shapes-{index:07d}"
+
+
+def draw_sample(seed: int, index: int, resolution: int) -> tuple[str, Image.Image, str, dict]:
+    """``(key, image, caption, attributes)`` of sample ``index``: any one can be drawn without the others."""
+    scene = sample_scene(seed, index)
+    return key_of(index), render(scene, resolution), scene.caption(), scene.attributes()
+
+
 def generate(seed: int, count: int, resolution: int):
     """Yield ``(key, image, caption, attributes)`` for ``count`` scenes."""
     for i in range(count):
-        scene = sample_scene(seed, i)
-        yield f"shapes-{i:07d}", render(scene, resolution), scene.caption(), scene.attributes()
+        yield draw_sample(seed, i, resolution)

@@ -23,7 +23,7 @@ def png(color=(200, 30, 30), size=(40, 40)) -> bytes:
 
 def read_all(source, **kw):
     fmt, stream = open_source(DataConfig(source=str(source), **kw))
-    return fmt, list(stream)
+    return fmt, [s.loaded() for s in stream]
 
 
 def rejects(samples) -> dict[str, str]:
