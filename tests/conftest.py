@@ -21,8 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # takes a thread per core in every process and they spin against each other (DESIGN: two torch processes thrash).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # macOS
-    _THREADS = max(1, _CORES // _WORKERS)
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)  # as ditpipe.cluster splits a local Dask cluster's cores
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(_var, str(_THREADS))
     if "torch" in sys.modules:  # a plugin imported it before the variables were set
