@@ -8,7 +8,8 @@ For each config:
 - usual:   the same model trained the way diffusers' training examples do it: decode the PNGs, encode
            them with the VAE and the captions with the text encoder inside every step;
 - bare:    forward/backward/step of the same model on tensors already in memory (the ceiling).
-Prints images/s of each, the speed-up of shards over usual, and the loop's overhead over bare.
+Prints images/s of each, the speed-up of shards over usual, and the loop's overhead over bare; then the
+bare step with each `train.optimizer` (fresh models, same batch), to show what Muon's orthogonalisation costs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ditpipe.encoders import TextEncoder  # noqa: E402
 from ditpipe.loader import empty_caption, load_index, make_loader  # noqa: E402
 from ditpipe.models import build_model  # noqa: E402
 from ditpipe.objectives import build_objective  # noqa: E402
+from ditpipe.optim import OPTIMIZERS  # noqa: E402
 from ditpipe.stages import run_stage  # noqa: E402
 from ditpipe.train import Batch, diffusion_loss, make_batch, model_spec  # noqa: E402
 from ditpipe.vae import build_vae  # noqa: E402
@@ -68,7 +70,7 @@ def bench(cfg, arch: str, size: str, batch_size: int, steps: int, workers: int =
     spec = model_spec(index)
     torch.manual_seed(0)
     model = build_model(arch, size, spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = OPTIMIZERS[TrainConfig().optimizer](model, 1e-4, 0.0)
     objective = build_objective("rectified_flow")
     tcfg = TrainConfig(batch_size=batch_size)
     gen = torch.Generator().manual_seed(0)
@@ -116,6 +118,15 @@ def bench(cfg, arch: str, size: str, batch_size: int, steps: int, workers: int =
         print(f"{name:7} {batch_size / results[name]:9.1f} img/s   {results[name] * 1000:8.1f} ms/step")
     print(f"shards vs usual: {results['usual'] / results['shards']:.1f}x faster;  "
           f"loop overhead over bare: {(results['shards'] / results['bare'] - 1) * 100:+.1f}%")
+    per_opt = {}
+    for name, make in OPTIMIZERS.items():
+        torch.manual_seed(0)
+        m = build_model(arch, size, spec)
+        o = make(m, 1e-4, 0.0)
+        per_opt[name] = timed_steps(lambda m=m, o=o: optimiser_step(m, o, diffusion_loss(m, objective, fixed, gen)),
+                                    steps)
+        print(f"bare, {name:5} {batch_size / per_opt[name]:7.1f} img/s   {per_opt[name] * 1000:8.1f} ms/step")
+    print(f"muon over adamw: {(per_opt['muon'] / per_opt['adamw'] - 1) * 100:+.1f}% per step")
 
 
 def main() -> None:

@@ -195,12 +195,16 @@ class TrainConfig:
     """The ``train`` stage: objective, optimizer, EMA, checkpoints and logging."""
 
     objective: Literal["ddpm", "rectified_flow"] = opt("rectified_flow", "ddpm (epsilon) or rectified_flow (velocity)")
-    steps: int = opt(1800, "optimizer steps in total (raise it and re-run to train on; 1,800: what the default "
-                     "model fits in the 10-minute default run)")
+    steps: int = opt(1400, "optimizer steps in total (raise it and re-run to train on; 1,400: what the default "
+                     "model fits in the 10-minute default run with Muon, which costs 1.3x AdamW's time per step)")
     batch_size: int = opt(32, "samples per step on each process (32: at equal time as good as 64 on a CPU, with "
                           "twice the updates)")
-    lr: float = opt(2e-3, "AdamW peak learning rate (2e-3 for the 4M CPU default: 5e-4 learned about half as fast; "
-                    "lower it for big models)")
+    lr: float = opt(2e-3, "peak learning rate (2e-3 for the 4M CPU default: 5e-4 learned about half as fast; "
+                    "lower it for big models); Muon's steps are scaled to the size of AdamW's at this rate")
+    optimizer: Literal["muon", "adamw"] = opt(
+        "muon", "muon: Muon (orthogonalised momentum) on the weight matrices inside the blocks and AdamW on the rest "
+        "(tuning seed, 1,500 steps, 448 samples, against adamw: colour 81 -> 86%, shape 27 -> 33%, relation 36 -> "
+        "40%, count 61 -> 68%, val loss 0.446 -> 0.433); or adamw everywhere (with fsdp, which splits the matrices)")
     logit_mean: float = opt(1.0, "rectified_flow: mean of the logit-normal training timesteps (> 0 trains noisier "
                             "steps more, where layout and colour are decided; 1.0 beat SD3's 0 on the tuning seed)")
     logit_std: float = opt(1.0, "rectified_flow: spread of the logit-normal training timesteps (SD3: 0, 1)")
@@ -209,7 +213,7 @@ class TrainConfig:
                                                     "lr_min_ratio x lr at train.steps (raising steps later "
                                                     "stretches the curve)")
     lr_min_ratio: float = opt(0.1, "cosine schedule: the learning rate at the last step, as a fraction of the peak")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
+    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW's and Muon's)")
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0 = off)")
     ema_decay: float = opt(0.9999, "EMA decay, reached gradually (warm-up) so short runs still get a usable EMA")
     caption_dropout: float = opt(0.1, "fraction of captions replaced by the empty caption (for CFG)")
@@ -227,7 +231,7 @@ class TrainConfig:
                             "instead of a full copy per process (DDP); for models one GPU cannot hold")
     peak_tflops: float = opt(0.0, "device peak TFLOP/s for MFU; 0 looks up known GPUs")
     record_keys: bool = opt(False, "write the sample keys of every step to keys-rank<N>.jsonl (audits data order)")
-    eval_every: int = opt(600, "steps between in-run evaluations: val loss, a sample grid, judge accuracy (0 = off)")
+    eval_every: int = opt(700, "steps between in-run evaluations: val loss, a sample grid, judge accuracy (0 = off)")
     eval_samples: int = opt(16, "val prompts sampled at each in-run evaluation (EMA weights)")
     eval_steps: int = opt(20, "sampler steps of the in-run sample grid")
     eval_guidance_scale: float = opt(4.0, "classifier-free guidance scale of the in-run sample grid")
@@ -242,6 +246,9 @@ class TrainConfig:
         for name in ("warmup_steps", "num_workers", "shuffle_buffer"):
             _check_min(f"train.{name}", getattr(self, name), 0)
         _check_min("train.lr", self.lr, 0.0)
+        if self.optimizer == "muon" and self.fsdp:
+            raise ConfigError("train.optimizer=muon orthogonalises whole weight matrices and train.fsdp=true splits "
+                              "them over the processes: use train.optimizer=adamw with fsdp")
         if self.logit_std <= 0:
             raise ConfigError(f"train.logit_std must be > 0, got {self.logit_std}")
         _check_range("train.ema_decay", self.ema_decay, 0.0, 1.0)

@@ -49,6 +49,7 @@ from ditpipe.loader import empty_caption, load_index, make_loader
 from ditpipe.models import Denoiser, RunInfo, Spec, build_model, count_parameters, forward_flops, trim_padding
 from ditpipe.monitor import Monitor
 from ditpipe.objectives import build_objective
+from ditpipe.optim import OPTIMIZERS
 
 # Dense bf16 peak TFLOP/s of common GPUs, for model FLOPs utilisation (MFU).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
@@ -106,7 +107,7 @@ def model_spec(index: dict) -> Spec:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    opt = OPTIMIZERS[cfg.optimizer](model, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     return opt, sched
 

@@ -422,7 +422,7 @@ def test_fsdp_over_two_processes_checkpoints_whole_and_resumes_to_the_same_losse
             "paths": {"shards": str(tiny_shards / "shards"), "train": str(tmp_path / name)},
             "model": {"arch": "dit", "size": "T/2"},
             "train": {"steps": steps, "batch_size": 4, "log_every": 1, "checkpoint_every": 4, "fsdp": True,
-                      "eval_every": 4, "eval_samples": 2, "eval_steps": 2},
+                      "optimizer": "adamw", "eval_every": 4, "eval_samples": 2, "eval_steps": 2},
             "tracking": {"enabled": False},
         }))
         return path

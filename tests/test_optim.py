@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from ditpipe.config import TrainConfig
+from ditpipe.errors import ConfigError
+from ditpipe.io import read_jsonl
+from ditpipe.models import Spec, build_model
+from ditpipe.optim import OPTIMIZERS, MuonAdamW, hidden_matrices, orthogonalize
+from tests.test_train import train
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (48, 48)])
+def test_orthogonalize_flattens_the_singular_values(shape):
+    k = min(shape)
+    u, v = torch.linalg.qr(torch.randn(shape[0], k))[0], torch.linalg.qr(torch.randn(shape[1], k))[0]
+    g = u @ torch.diag(torch.logspace(-1.5, 0, k)) @ v.T  # singular values over 1.5 decades
+    s = torch.linalg.svdvals(orthogonalize(g))
+    assert 0.5 < s.min() and s.max() < 1.3, s  # Newton-Schulz leaves them near 1, not exactly 1
+    torch.testing.assert_close(orthogonalize(3 * g), orthogonalize(g))  # the step's size is not the gradient's
+
+
+def test_the_adamw_half_is_torch_adamw():
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Parameter(torch.randn(7, 3)), torch.nn.Parameter(torch.randn(7, 3))
+    theirs.data.copy_(ours.data)
+    a = MuonAdamW([], [ours], lr=1e-2, weight_decay=0.1)
+    b = torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.1, betas=(0.9, 0.999))
+    for _ in range(5):
+        g = torch.randn(7, 3)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    torch.testing.assert_close(ours.data, theirs.data, rtol=0, atol=1e-6)
+
+
+def test_the_muon_half_steps_as_torch_muon():
+    """The same update as torch.optim.Muon's, up to its bfloat16 Newton-Schulz (ours runs it in float32)."""
+    torch.manual_seed(0)
+    start = torch.randn(32, 96)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    a = MuonAdamW([ours], [], lr=1e-2)
+    b = torch.optim.Muon([theirs], lr=1e-2, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        g = torch.randn(32, 96)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    da, db = (ours.data - start).flatten(), (theirs.data - start).flatten()
+    assert torch.nn.functional.cosine_similarity(da, db, dim=0) > 0.99
+    assert abs(da.norm() / db.norm() - 1) < 0.05
+    assert da.norm() > 0.01  # it moved: 3 steps of RMS about 0.2 x lr x sqrt(96) per element
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = build_model("dit", "T/2", Spec(latent_channels=4, latent_size=8, text_dim=32), caption_layers=1)
+    matrices, others = hidden_matrices(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].split(".")[1] for p in matrices} == {"blocks", "caption_blocks"}
+    assert all(p.ndim == 2 for p in matrices)
+    rest = {names[id(p)] for p in others}
+    assert {"inner.x_embedder.weight", "inner.final_layer.linear.weight", "inner.t_embedder.mlp.0.weight"} <= rest
+    assert len(matrices) + len(others) == sum(p.requires_grad for p in model.parameters())
+    opt = OPTIMIZERS["muon"](model, 1e-3, 0.0)
+    assert [g["muon"] for g in opt.param_groups] == [True, False]
+
+
+def test_muon_with_fsdp_is_refused_naming_both_keys():
+    with pytest.raises(ConfigError, match=r"train\.optimizer=muon.*train\.fsdp"):
+        TrainConfig(optimizer="muon", fsdp=True)
+
+
+def test_a_muon_run_resumes_to_the_same_losses(tiny_shards, tmp_path):
+    kw = {"arch": "dit", "optimizer": "muon", "checkpoint_every": 3, "lr_schedule": "constant"}  # one schedule for both
+    train(tiny_shards, tmp_path / "straight", steps=6, **kw)
+    train(tiny_shards, tmp_path / "split", steps=3, **kw)
+    assert train(tiny_shards, tmp_path / "split", steps=6, **kw)["resumed_from"] == 3
+    straight, split = ([(r["step"], r["loss"]) for r in read_jsonl(tmp_path / d / "metrics.jsonl")]
+                       for d in ("straight", "split"))
+    assert len(straight) == 6 and straight == split  # the momentum buffers came back with the checkpoint
+    adamw = train(tiny_shards, tmp_path / "adamw", steps=6, **{**kw, "optimizer": "adamw"})
+    assert adamw["resumed_from"] == 0
+    assert [r["loss"] for r in read_jsonl(tmp_path / "adamw" / "metrics.jsonl")][-1] != straight[-1][1]
