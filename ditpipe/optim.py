@@ -83,12 +83,14 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def hidden_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(Muon's, AdamW's) trainable parameters: the 2-D weights inside the model's blocks (``blocks``,
-    ``caption_blocks``, diffusers' ``transformer_blocks``, ``down_blocks``, ``mid_block``...), and the rest."""
+    """(Muon's, AdamW's) trainable parameters: the weights of the linear layers inside the model's blocks
+    (``blocks``, ``caption_blocks``, diffusers' ``transformer_blocks``, ``down_blocks``, ``mid_block``...), and
+    the rest, 2-D tables that are not a layer's weight (PixArt's ``scale_shift_table``) included."""
+    linear = {id(m.weight) for name, m in model.named_modules() if isinstance(m, nn.Linear) and "block" in name}
     matrices, others = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
-            (matrices if p.ndim == 2 and "block" in name else others).append(p)
+            (matrices if id(p) in linear else others).append(p)
     return matrices, others
 
 
