@@ -6,7 +6,8 @@ rate instead of a few dominant ones. It is meant for the hidden matrices only: e
 biases, norms and convolutions keep AdamW. The update is ``torch.optim.Muon``'s (Nesterov momentum 0.95, the
 quintic Newton-Schulz iteration, the learning rate scaled to AdamW's update size) written out here because
 torch runs the iteration in bfloat16, which CPUs without bfloat16 matrix units run about 4x slower than the
-whole training step.
+whole training step. Matrices of one shape are orthogonalised as one batch, and wide ones (4D x D and the like)
+through their small Gram matrix: on the default DiT that halves the iteration's time.
 """
 
 from __future__ import annotations
@@ -18,20 +19,51 @@ import torch
 from torch import nn
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (Keller Jordan's) quintic iteration
+GRAM_FROM = 2  # wide by at least this ratio: iterate on the Gram matrix alone (fewer FLOPs, the same result)
+
+
+def _newton_schulz(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """The quintic iteration X <- (a I + b A + c A^2) X, A = X X^T, on a batch (B, m, n), m <= n, of spectral norm
+    <= 1. Every matrix the iteration makes is a polynomial in G = X0 X0^T, so for wide X it runs on m x m
+    matrices alone: A' = P A P and Q' = P Q, then X = Q X0 (4 m^3 products a step against 2 m^2 n + m^3)."""
+    a, b, c = NS_COEFFICIENTS
+    if x.shape[2] < GRAM_FROM * x.shape[1]:
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        return x
+    gram, q = x @ x.mT, None  # (B, m, m)
+    for k in range(steps):
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        poly.diagonal(dim1=1, dim2=2).add_(a)  # a I + b A + c A^2
+        q = poly if q is None else poly @ q
+        if k < steps - 1:
+            gram = poly @ gram @ poly  # the next step's X X^T
+    return q @ x
+
+
+def orthogonalize_all(gs: list[torch.Tensor], steps: int = 5, eps: float = 1e-7) -> list[torch.Tensor]:
+    """About U V^T of each ``g = U S V^T`` (singular values pushed into about 0.7-1.2), in float32; matrices of
+    one shape go through the iteration as one batch."""
+    groups: dict[tuple, list[int]] = {}
+    flat = []
+    for i, g in enumerate(gs):
+        x = g.float()
+        x = x.T if x.shape[0] > x.shape[1] else x  # iterate on the smaller Gram matrix
+        flat.append(x)
+        groups.setdefault((tuple(x.shape), x.device), []).append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(gs)
+    for idx in groups.values():
+        x = torch.stack([flat[i] for i in idx])  # (B, m, n)
+        x = _newton_schulz(x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps), steps)  # spectral norm <= 1
+        for i, y in zip(idx, x.unbind(0), strict=True):
+            out[i] = (y.T if gs[i].shape[0] > gs[i].shape[1] else y).to(gs[i].dtype)
+    return out
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """About U V^T of ``g = U S V^T`` (singular values pushed into about 0.7-1.2), in float32."""
-    a, b, c = NS_COEFFICIENTS
-    x = g.float()
-    tall = x.shape[0] > x.shape[1]
-    if tall:
-        x = x.T  # iterate on the smaller Gram matrix
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x.T if tall else x).to(g.dtype)
+    """About U V^T of one matrix ``g = U S V^T`` (``orthogonalize_all`` of one)."""
+    return orthogonalize_all([g], steps, eps)[0]
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -51,28 +83,30 @@ class MuonAdamW(torch.optim.Optimizer):
         assert closure is None, "MuonAdamW takes no closure"
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 p.mul_(1 - lr * wd)  # decoupled weight decay, as both torch optimizers do
-                if group["muon"]:
-                    self._muon(p, group, lr)
-                else:
+            if group["muon"]:
+                self._muon(params, group, lr)
+            else:
+                for p in params:
                     self._adamw(p, group, lr)
 
-    def _muon(self, p: nn.Parameter, group: dict, lr: float) -> None:
-        state = self.state[p]
-        if not state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        buf, m = state["momentum_buffer"], group["momentum"]
-        buf.lerp_(p.grad, 1 - m)
-        update = orthogonalize(p.grad.lerp(buf, m), group["ns_steps"])  # Nesterov
-        p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))  # the RMS of an AdamW update at this lr
+    def _muon(self, params: list[nn.Parameter], group: dict, lr: float) -> None:
+        m, nesterov = group["momentum"], []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            state["momentum_buffer"].lerp_(p.grad, 1 - m)
+            nesterov.append(p.grad.lerp(state["momentum_buffer"], m))
+        for p, update in zip(params, orthogonalize_all(nesterov, group["ns_steps"]), strict=True):
+            p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))  # the RMS of an AdamW update at this lr
 
     def _adamw(self, p: nn.Parameter, group: dict, lr: float) -> None:
         state = self.state[p]
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = torch.zeros((), dtype=torch.float32)  # on the CPU, as torch's: .item() syncs nothing
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
         (b1, b2), step = group["betas"], state["step"].add_(1).item()

@@ -1,11 +1,12 @@
 import pytest
 import torch
 
+import ditpipe.optim
 from ditpipe.config import TrainConfig
 from ditpipe.errors import ConfigError
 from ditpipe.io import read_jsonl
 from ditpipe.models import ARCHS, Spec, build_model
-from ditpipe.optim import OPTIMIZERS, MuonAdamW, hidden_matrices, orthogonalize
+from ditpipe.optim import OPTIMIZERS, MuonAdamW, hidden_matrices, orthogonalize, orthogonalize_all
 from tests.test_train import train
 
 
@@ -18,6 +19,21 @@ def test_orthogonalize_flattens_the_singular_values(shape):
     s = torch.linalg.svdvals(orthogonalize(g))
     assert 0.5 < s.min() and s.max() < 1.3, s  # Newton-Schulz leaves them near 1, not exactly 1
     torch.testing.assert_close(orthogonalize(3 * g), orthogonalize(g), rtol=0, atol=1e-4)  # nor is its size
+
+
+def test_the_gram_form_and_batches_give_the_plain_iteration(monkeypatch):
+    """Wide matrices iterate on their Gram matrix and same-shape matrices in one batch: the result is the plain
+    per-matrix iteration's, ill-conditioned gradients included."""
+    torch.manual_seed(0)
+    shapes = [(128, 512), (512, 128), (128, 512), (64, 192), (48, 48), (96, 128)]
+    gs = [torch.randn(s) * torch.rand(s[1]) ** 4 for s in shapes]  # column scales over decades
+    fast = orthogonalize_all(gs)
+    monkeypatch.setattr(ditpipe.optim, "GRAM_FROM", 10**9)  # every matrix by the plain iteration, one at a time
+    for g, f in zip(gs, fast, strict=True):
+        plain = orthogonalize(g)
+        assert f.shape == g.shape
+        torch.testing.assert_close(f, plain, rtol=0, atol=2e-4)
+        assert (f - plain).norm() < 1e-3 * plain.norm()
 
 
 def test_the_adamw_half_is_torch_adamw():
