@@ -196,7 +196,8 @@ class TrainConfig:
 
     objective: Literal["ddpm", "rectified_flow"] = opt("rectified_flow", "ddpm (epsilon) or rectified_flow (velocity)")
     steps: int = opt(1600, "optimizer steps in total (raise it and re-run to train on; 1,600: what the default "
-                     "model fits in the 10-minute default run with Muon, which costs 1.1x AdamW's time per step)")
+                     "model fits in the 10-minute default run with Muon, whose bare step costs about 1.1x AdamW's "
+                     "on a CPU)")
     batch_size: int = opt(32, "samples per step on each process (32: at equal time as good as 64 on a CPU, with "
                           "twice the updates)")
     lr: float = opt(2e-3, "peak learning rate (2e-3 for the 4M CPU default: 5e-4 learned about half as fast; "
