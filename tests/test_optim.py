@@ -49,16 +49,17 @@ def test_the_gram_form_and_batches_give_the_plain_iteration():
         orthogonalize(gs[0], steps=0)
 
 
-def test_no_gram_form_where_matmuls_round():
-    """Under TF32 (CUDA training turns it on) the Gram form's rounding adds up: there it takes the plain form."""
-    x = torch.zeros(1, 8, 32)
-    before = torch.get_float32_matmul_precision()
+def test_gram_form_on_a_cpu_only_even_with_tf32_on():
+    """Under TF32 (CUDA training turns it on) the Gram form's rounding adds up: off a CPU it takes the plain form.
+    A CPU's float32 matmuls stay exact with TF32 on, so there it keeps the Gram form."""
+    x = torch.randn(1, 8, 32)
+    before = torch.backends.cuda.matmul.allow_tf32
     try:
-        torch.set_float32_matmul_precision("high")
-        assert not ditpipe.optim._gram_form(x)
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py does
+        assert ditpipe.optim._gram_form(x)
     finally:
-        torch.set_float32_matmul_precision(before)
-    assert ditpipe.optim._gram_form(x) and not ditpipe.optim._gram_form(x[:, :, :15])
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert not ditpipe.optim._gram_form(x.to("meta")) and not ditpipe.optim._gram_form(x[:, :, :15])
 
 
 def test_the_adamw_half_is_torch_adamw():
