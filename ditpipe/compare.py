@@ -142,6 +142,28 @@ def _dvc(args: list[str], cwd: Path, env: dict, capture: bool = False) -> str:
     return done.stdout or ""
 
 
+def lock_note(repo: Path) -> None:
+    """Say so when git does not track dvc.lock: a queued experiment is built from git (its commit and the tracked
+    files' changes), so without the lock it finds no stage run and runs every one again, encoding anew."""
+    done = subprocess.run(["git", "status", "--porcelain", "--", "dvc.lock"], cwd=repo, text=True,
+                          capture_output=True)
+    if done.returncode == 0 and done.stdout.startswith("??"):
+        print("compare: git does not track dvc.lock, so DVC's queued experiments cannot see which stages have "
+              "run: each experiment runs every stage again (latents and text encoded anew). `git add dvc.lock` "
+              "first to reuse them.", file=sys.stderr, flush=True)
+
+
+def forget_tasks(names: list[str], cwd: Path, env: dict) -> None:
+    """Remove finished queue tasks of these names, left by an earlier compare: `dvc queue logs NAME` would show
+    the first one's log instead of the new run's."""
+    for _ in range(100):  # one task of each name per call
+        status = _dvc(["queue", "status"], cwd, env, capture=True)
+        stale = sorted({w[1] for w in (line.split() for line in status.splitlines()) if len(w) > 1 and w[1] in names})
+        if not stale:
+            return
+        _dvc(["queue", "remove", *stale], cwd, env, capture=True)
+
+
 def follow(name: str, cwd: Path, env: dict, poll: float = 2.0) -> None:
     """Stream an experiment's log (``dvc queue logs -f``) once a queue worker has started it.
 
@@ -243,10 +265,12 @@ def run(experiments: list[Experiment], overrides: list[str], out_dir: str | Path
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     if execute:
+        lock_note(repo)
         existing = experiments_of(show_experiments(repo, env))
         stale = [e.name for e in experiments if e.name in existing]
         if stale:
             _dvc(["exp", "remove", *stale], repo, env)
+        forget_tasks([e.name for e in experiments], repo, env)
         for e in experiments:
             sets = [a for o in [*overrides, *e.overrides()] for a in ("-S", o)]
             _dvc(["exp", "run", "--queue", "-n", e.name, *sets], repo, env)

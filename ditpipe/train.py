@@ -4,8 +4,9 @@ The run folder (``paths.train``) holds ``checkpoints/checkpoint-NNNNNN`` (model,
 schedule, step, RNG states, data position, resolved config; written atomically, last N kept),
 ``metrics.jsonl`` (one object per logged step) and ``final/`` (the EMA model, ``save_pretrained``).
 Running the stage again on the same folder resumes from the newest checkpoint that verifies against
-its ``checksums.json``; a folder holding a run with another model, objective, optimisation or data is
-moved aside (``<folder>.<arch>-<size>-step<N>-<time>``) and a new run starts: nothing is deleted.
+its ``checksums.json``; a folder holding a run with another model, objective, optimisation or data, or a
+run already past ``train.steps``, is moved aside (``<folder>.<arch>-<size>-step<N>-<time>``) and a new run
+starts: nothing is deleted.
 """
 
 from __future__ import annotations
@@ -441,8 +442,8 @@ def resume_point(acc: Accelerator, run_dir: Path, fingerprint: str, resolved: di
     """The newest checkpoint of this run that verifies, or None to start fresh.
 
     Damaged checkpoints are moved aside (``damaged-checkpoint-N``) with a line saying why; a folder that holds
-    a run of another model, objective, optimisation or data is moved aside whole, under a name that says which
-    run it was. Nothing is deleted.
+    a run of another model, objective, optimisation or data, or one already past ``train.steps``, is moved
+    aside whole, under a name that says which run it was. Nothing is deleted.
     """
     if acc.is_main_process:
         for path in reversed(checkpoints(run_dir)):
@@ -452,16 +453,21 @@ def resume_point(acc: Accelerator, run_dir: Path, fingerprint: str, resolved: di
             os.replace(path, path.with_name(f"damaged-{path.name}"))
             print(f"train: skipping {path}: {problem}; kept as damaged-{path.name}", flush=True)
         found = checkpoints(run_dir)
-        if found and read_json(found[-1] / "trainer.json").get("fingerprint") != fingerprint:
-            old = read_json(found[-1] / "trainer.json")
+        old = read_json(found[-1] / "trainer.json") if found else {}
+        m, t = old.get("config", {}).get("model", {}), old.get("config", {}).get("train", {})
+        label = f"{m.get('arch', 'run')}-{str(m.get('size', '')).replace('/', '_')}-step{old.get('step', 0)}"
+        if found and old.get("fingerprint") != fingerprint:
             diff = [k for k in changed_settings(old.get("config", {}), resolved)
                     if not (k.startswith("train.") and resumable(k[len("train."):]))]
             diff = diff or ["the training data (shards index)"]
-            m, t = old.get("config", {}).get("model", {}), old.get("config", {}).get("train", {})
-            label = f"{m.get('arch', 'run')}-{str(m.get('size', '')).replace('/', '_')}-step{old.get('step', 0)}"
             moved = set_aside(run_dir, label)
             print(f"train: {run_dir} held a run with other settings ({', '.join(diff[:6])}); moved it to {moved} "
                   f"(lr {t.get('lr')}, {t.get('objective')}) and starting over", flush=True)
+        elif found and old.get("step", 0) > resolved["train"]["steps"]:
+            # A shorter run is another schedule, not a point on this one: it is trained, not cut from this run.
+            moved = set_aside(run_dir, label)
+            print(f"train: {run_dir} held a run at step {old.get('step')}, past train.steps="
+                  f"{resolved['train']['steps']}; moved it to {moved} and starting over", flush=True)
         elif not found and run_dir.exists() and any(run_dir.glob("checkpoints/damaged-*")):
             moved = set_aside(run_dir, "damaged")
             print(f"train: no checkpoint in {run_dir} verifies; moved it to {moved} and starting over", flush=True)

@@ -75,3 +75,40 @@ def test_plot_draws_curves_and_final_points(tmp_path):
                                   {"flops": 5e11, "acc_color": 0.4, "acc_shape": 0.2}]}
     compare.plot(tmp_path / "c.png", [row], series)
     assert (tmp_path / "c.png").stat().st_size > 5_000
+
+
+def _git_dvc_repo(path):
+    import subprocess
+
+    path.mkdir()
+    (path / "params.yaml").write_text("n: 1\n")
+    (path / "dvc.yaml").write_text("stages:\n  echo:\n    cmd: echo ${n} > out.txt\n    params: [n]\n"
+                                   "    outs: [out.txt]\n")
+    for cmd in (["git", "init", "-q"], [compare.dvc_exe(), "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=path, check=True, capture_output=True)
+    return path
+
+
+def test_old_queue_tasks_of_the_same_names_are_forgotten_and_an_untracked_lock_is_named(tmp_path, capsys):
+    """A second compare with the same names must follow its own runs' logs, not the first one's; and a dvc.lock
+    git does not track (queued experiments cannot see it, so they rerun every stage) is said."""
+    import os
+
+    repo, env = _git_dvc_repo(tmp_path / "repo"), dict(os.environ)
+    for name in ("cmp-a", "cmp-a", "other"):
+        compare._dvc(["exp", "run", "--queue", "-n", name, "-S", "n=2"], repo, env, capture=True)
+
+    def names() -> list[str]:
+        status = compare._dvc(["queue", "status"], repo, env, capture=True).splitlines()[1:]
+        return [line.split()[1] for line in status if len(line.split()) > 3 and not line.startswith("Worker")]
+
+    assert sorted(names()) == ["cmp-a", "cmp-a", "other"]
+    compare.forget_tasks(["cmp-a", "cmp-b"], repo, env)
+    assert names() == ["other"]
+
+    compare.lock_note(repo)
+    assert capsys.readouterr().err == ""  # no dvc.lock at all: nothing to say
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    compare.lock_note(repo)
+    assert "git does not track dvc.lock" in capsys.readouterr().err

@@ -147,9 +147,15 @@ def check_experiments_compare(repo: Path) -> None:
 
 def check_compare_command(repo: Path) -> None:
     """`ditpipe compare` queues one DVC experiment per arch, runs them on the cached shards, and tabulates."""
+    sh(["git", "add", "dvc.lock"], repo)  # as DVC says after a run: queued experiments see only what git tracks
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "the pipeline's outputs"], repo)
     out = sh(["ditpipe", "compare", "--arch", "dit", "--arch", "unet", "--size", "T/2", "--set", "train.steps=4",
               "--out", "cmp"], repo)
-    assert "Running stage 'prepare'" not in out and "Running stage 'train'" in out  # data stages came from cache
+    assert "git does not track dvc.lock" not in out and out.count("Running stage 'train'") == 2
+    for stage in ("prepare", "vae", "latents", "text", "shards"):  # the data stages' outputs are reused as they are
+        assert f"Running stage '{stage}'" not in out and f"Stage '{stage}' is cached" not in out
+    # the workspace's run is the same dit at step 8: each experiment trains its own 4 steps instead of reusing it
+    assert "past train.steps=4" in out
     table = (repo / "cmp/compare.md").read_text()
     rows = json.loads((repo / "cmp/compare.json").read_text())["rows"]
     assert [r["experiment"] for r in rows] == ["cmp-dit-t-2-rf", "cmp-unet-t-2-rf"]

@@ -121,6 +121,19 @@ def test_checkpoints_keep_last_n_and_more_steps_resume(tiny_shards, tmp_path):
     assert again["trained"] == 0  # nothing left to do
 
 
+def test_fewer_steps_than_the_run_has_trains_a_new_run_and_keeps_the_old(tiny_shards, tmp_path, capsys):
+    """A run past train.steps is not passed off as a shorter one: it is kept aside and the shorter run trained."""
+    train(tiny_shards, tmp_path / "run", steps=4)
+    longer = (tmp_path / "run" / "final" / "diffusion_pytorch_model.safetensors").read_bytes()
+    s = train(tiny_shards, tmp_path / "run", steps=2)
+    assert s["resumed_from"] == 0 and s["trained"] == 2 and s["steps"] == 2
+    assert json.loads((tmp_path / "run" / "final" / "ditpipe.json").read_text())["step"] == 2
+    (kept,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.cross-T_2-step4-")]
+    assert (kept / "final" / "diffusion_pytorch_model.safetensors").read_bytes() == longer  # nothing lost
+    assert "held a run at step 4, past train.steps=2" in capsys.readouterr().out
+    assert train(tiny_shards, tmp_path / "run", steps=2)["trained"] == 0  # at its steps: nothing to do
+
+
 def test_a_different_model_starts_over_and_keeps_the_old_run(tiny_shards, tmp_path, capsys):
     train(tiny_shards, tmp_path / "run", steps=2)
     first = (tmp_path / "run" / "final" / "diffusion_pytorch_model.safetensors").read_bytes()
