@@ -154,8 +154,8 @@ def lock_note(repo: Path) -> None:
 
 
 def forget_tasks(names: list[str], cwd: Path, env: dict) -> None:
-    """Remove finished queue tasks of these names, left by an earlier compare: `dvc queue logs NAME` would show
-    the first one's log instead of the new run's."""
+    """Remove the queue tasks of these names (finished or still queued) left by an earlier compare: `dvc queue
+    logs NAME` would show the first one's log instead of the new run's."""
     for _ in range(100):  # one task of each name per call
         status = _dvc(["queue", "status"], cwd, env, capture=True)
         stale = sorted({w[1] for w in (line.split() for line in status.splitlines()) if len(w) > 1 and w[1] in names})
