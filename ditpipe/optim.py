@@ -1,4 +1,5 @@
-"""Optimizers for ``train.optimizer``: AdamW, or Muon on the blocks' weight matrices with AdamW on the rest.
+"""Optimizers for ``train.optimizer``: AdamW, or Muon on the weight matrices of the blocks (and of the caption
+projections) with AdamW on the rest.
 
 Muon (Jordan et al. 2024, "Muon: MomentUm Orthogonalized by Newton-Schulz") replaces each weight matrix's
 momentum update by the nearest semi-orthogonal matrix, so every direction of the update moves at the same
@@ -134,11 +135,19 @@ class MuonAdamW(torch.optim.Optimizer):
         p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** step))
 
 
-def hidden_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+# Linear layers that project a frozen text encoder's features into the model (ours; PixArt's; SD3's tokens and
+# pooled vector): their inputs are dense vectors, not the one-hot rows of an embedding table, so Muon applies
+CAPTION_PROJECTIONS = ("caption_embedder", "text_embedder", "caption_projection", "context_embedder")
+
+
+def hidden_matrices(model: nn.Module, captions: bool = True) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(Muon's, AdamW's) trainable parameters: the weights of the linear layers inside the model's blocks
-    (``blocks``, ``caption_blocks``, diffusers' ``transformer_blocks``, ``down_blocks``, ``mid_block``...), and
-    the rest, 2-D tables that are not a layer's weight (PixArt's ``scale_shift_table``) included."""
-    linear = {id(m.weight) for name, m in model.named_modules() if isinstance(m, nn.Linear) and "block" in name}
+    (``blocks``, ``caption_blocks``, diffusers' ``transformer_blocks``, ``down_blocks``, ``mid_block``...) and,
+    with ``captions``, of the caption projections; and the rest, 2-D tables that are not a layer's weight
+    (PixArt's ``scale_shift_table``) included."""
+    keys = ("block", *CAPTION_PROJECTIONS) if captions else ("block",)
+    linear = {id(m.weight) for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and any(k in name for k in keys)}
     matrices, others = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -146,13 +155,13 @@ def hidden_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Param
     return matrices, others
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def adamw(model: nn.Module, lr: float, weight_decay: float, captions: bool = True) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
 
 
-def muon(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return MuonAdamW(*hidden_matrices(model), lr=lr, weight_decay=weight_decay)
+def muon(model: nn.Module, lr: float, weight_decay: float, captions: bool = True) -> torch.optim.Optimizer:
+    return MuonAdamW(*hidden_matrices(model, captions), lr=lr, weight_decay=weight_decay)
 
 
-# train.optimizer -> (model, peak lr, weight decay) -> optimizer
-OPTIMIZERS: dict[str, Callable[[nn.Module, float, float], torch.optim.Optimizer]] = {"adamw": adamw, "muon": muon}
+# train.optimizer -> (model, peak lr, weight decay, train.muon_captions) -> optimizer
+OPTIMIZERS: dict[str, Callable[[nn.Module, float, float, bool], torch.optim.Optimizer]] = {"adamw": adamw, "muon": muon}

@@ -108,7 +108,7 @@ def model_spec(index: dict) -> Spec:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
-    opt = OPTIMIZERS[cfg.optimizer](model, cfg.lr, cfg.weight_decay)
+    opt = OPTIMIZERS[cfg.optimizer](model, cfg.lr, cfg.weight_decay, cfg.muon_captions)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     return opt, sched
 

@@ -6,7 +6,7 @@ from ditpipe.config import TrainConfig
 from ditpipe.errors import ConfigError
 from ditpipe.io import read_jsonl
 from ditpipe.models import ARCHS, Spec, build_model
-from ditpipe.optim import OPTIMIZERS, MuonAdamW, hidden_matrices, orthogonalize, orthogonalize_all
+from ditpipe.optim import CAPTION_PROJECTIONS, OPTIMIZERS, MuonAdamW, hidden_matrices, orthogonalize, orthogonalize_all
 from tests.test_train import train
 
 
@@ -97,11 +97,17 @@ def test_the_muon_half_steps_as_torch_muon(shape):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_every_arch_gives_muon_only_linear_weights_inside_blocks(arch):
+def test_every_arch_gives_muon_only_linear_weights_inside_blocks_or_caption_projections(arch):
     model = build_model(arch, "T/2", Spec(latent_channels=4, latent_size=8, text_dim=32))
     matrices, others = hidden_matrices(model)
     owner = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert matrices and all(id(p) in owner and "block" in owner[id(p)] for p in matrices)
+    assert matrices and all(id(p) in owner for p in matrices)
+    kinds = {"block" if "block" in owner[id(p)] else next(k for k in CAPTION_PROJECTIONS if k in owner[id(p)])
+             for p in matrices}  # StopIteration for a matrix of neither kind
+    assert "block" in kinds and (arch == "unet") == (kinds == {"block"})  # the U-Net reads the raw tokens
+    plain, _ = hidden_matrices(model, captions=False)
+    assert plain and all("block" in owner[id(p)] for p in plain)
+    assert len(plain) < len(matrices) or arch == "unet"
     assert len(matrices) + len(others) == sum(p.requires_grad for p in model.parameters())
     tables = [n for n, p in model.named_parameters() if n.endswith("scale_shift_table")]
     assert (arch == "cross") == bool(tables)  # PixArt's adaLN tables are 2-D but no layer's weight: AdamW's
@@ -113,7 +119,10 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = build_model("dit", "T/2", Spec(latent_channels=4, latent_size=8, text_dim=32), caption_layers=1)
     matrices, others = hidden_matrices(model)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[id(p)].split(".")[1] for p in matrices} == {"blocks", "caption_blocks"}
+    assert {names[id(p)].split(".")[1] for p in matrices} == {"blocks", "caption_blocks", "caption_embedder",
+                                                              "text_embedder"}
+    plain, _ = hidden_matrices(model, captions=False)  # train.muon_captions=false: AdamW for the projections
+    assert {names[id(p)].split(".")[1] for p in plain} == {"blocks", "caption_blocks"}
     assert all(p.ndim == 2 for p in matrices)
     rest = {names[id(p)] for p in others}
     assert {"inner.x_embedder.weight", "inner.final_layer.linear.weight", "inner.t_embedder.mlp.0.weight"} <= rest
